@@ -1,0 +1,1040 @@
+//! The store: an OCI image layout directory holding models, their tags and the journal.
+//!
+//! Layout under the root: `oci-layout`, `index.json`, `blobs/sha256/<hex>` (the OCI part,
+//! readable by skopeo and oras), `journal.jsonl`, `tmp/` (blobs being written) and `locks/`.
+//!
+//! Writers follow one order so that a process killed at any instant leaves a consistent
+//! store: blobs (fsynced, renamed into place) → journal entry (fsynced) → `index.json`
+//! (atomic replace). `index.json` records the last journal entry it reflects; readers replay
+//! any later tag entries, so a crash between the journal and the index loses nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::blobs::{Blobs, write_atomic};
+use crate::digest::Digest;
+use crate::error::{IoContext, Result, StoreError};
+use crate::import::{ImportOptions, plan};
+use crate::journal::{Entry, Event, Journal, TagReason};
+use crate::oci::{
+    ANNOTATION_FILEPATH, ANNOTATION_JOURNAL_SEQ, ANNOTATION_REF_NAME, ANNOTATION_TITLE,
+    ARTIFACT_TYPE_MODEL, Descriptor, Index, MEDIA_TYPE_MANIFEST, MEDIA_TYPE_MODEL_CONFIG,
+    MEDIA_TYPE_MOTE_SETTINGS, Manifest, ModelConfig, ModelFs, OCI_LAYOUT,
+};
+use crate::reference::{Reference, TagRef};
+use crate::settings::Settings;
+
+/// Environment variable naming the store root.
+pub const MOTE_HOME: &str = "MOTE_HOME";
+
+/// A model store rooted at a directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+    blobs: Blobs,
+    journal: Journal,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ImportOutcome {
+    /// The model's manifest digest (its identity).
+    pub digest: Digest,
+    /// The tag that now points at it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// What the tag pointed at before, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Digest>,
+    /// Number of files (layers) in the model.
+    pub files: usize,
+    /// Total bytes of the model's files.
+    pub bytes: u64,
+}
+
+/// A tag move.
+#[derive(Clone, Debug, Serialize)]
+pub struct TagMove {
+    /// `name:tag`.
+    pub tag: String,
+    /// Previous digest.
+    pub from: Option<Digest>,
+    /// New digest.
+    pub to: Digest,
+}
+
+/// One file of a model.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelFile {
+    /// Path inside the model (`org.cncf.model.filepath`), or `(mote settings)`.
+    pub path: String,
+    /// Layer media type.
+    pub media_type: String,
+    /// Content digest.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where the (read-only) blob is on disk.
+    #[serde(skip)]
+    pub blob: PathBuf,
+}
+
+/// Everything known about one model, as `mote inspect` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Tags pointing at it.
+    pub tags: Vec<String>,
+    /// The ModelPack config.
+    pub config: ModelConfig,
+    /// mote's settings.
+    pub settings: Settings,
+    /// The model's files (layers), settings last.
+    pub files: Vec<ModelFile>,
+    /// Sum of file sizes.
+    pub total_size: u64,
+    /// Manifests in the store whose subject is this model (audit reports, ...).
+    pub referrers: Vec<Descriptor>,
+}
+
+impl ModelInfo {
+    /// A file by its path inside the model.
+    pub fn file(&self, path: &str) -> Option<&ModelFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+}
+
+/// A model whose every blob was re-hashed just now.
+#[derive(Clone, Debug)]
+pub struct VerifiedModel {
+    /// Description of the model.
+    pub info: ModelInfo,
+}
+
+/// The verification of one model by [`Store::verify_all`].
+#[derive(Debug)]
+pub struct VerifyOutcome {
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Tags pointing at it.
+    pub tags: Vec<String>,
+    /// The verified model, or what is wrong with it.
+    pub result: Result<VerifiedModel>,
+}
+
+/// A listed model.
+#[derive(Clone, Debug, Serialize)]
+pub struct ListedModel {
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Tags pointing at it (empty when untagged).
+    pub tags: Vec<String>,
+    /// Task, when the settings could be read.
+    pub task: Option<String>,
+    /// Format, when the settings could be read.
+    pub format: Option<String>,
+    /// Total size of its files.
+    pub size: u64,
+    /// Set when the manifest, config or settings could not be read back intact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// One tag move in a tag's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryItem {
+    /// Journal sequence number.
+    pub seq: u64,
+    /// When.
+    pub time: String,
+    /// Who.
+    pub user: String,
+    /// Previous digest.
+    pub from: Option<Digest>,
+    /// New digest (`None` when the tag was removed).
+    pub to: Option<Digest>,
+    /// `import`, `tag`, `rollback`, `commit` or `untag`.
+    pub reason: String,
+}
+
+/// What `gc` removed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Blobs deleted.
+    pub blobs: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Leftover temp files of interrupted writes deleted.
+    pub temp_files: u64,
+}
+
+/// What `rm` removed.
+#[derive(Clone, Debug, Serialize)]
+pub struct Removed {
+    /// Tags removed.
+    pub tags: Vec<String>,
+    /// The model removed from the index, if a digest was given.
+    pub model: Option<Digest>,
+}
+
+/// A held lock; released when dropped (the file is closed).
+struct Lock(#[allow(dead_code)] File);
+
+impl Store {
+    /// The root named by `$MOTE_HOME`, else the platform data directory (`~/.local/share/mote`).
+    pub fn default_root() -> Result<PathBuf> {
+        if let Some(home) = std::env::var_os(MOTE_HOME).filter(|v| !v.is_empty()) {
+            return Ok(PathBuf::from(home));
+        }
+        dirs::data_dir()
+            .map(|d| d.join("mote"))
+            .ok_or_else(|| StoreError::Damaged {
+                path: PathBuf::from("~"),
+                reason: "no data directory is known for this user; set MOTE_HOME".into(),
+            })
+    }
+
+    /// Open the store at `root`, creating an empty one if the directory is missing or empty.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root: PathBuf = root.into();
+        let layout = root.join("oci-layout");
+        if !layout.exists() && root.is_dir() {
+            let non_empty = fs::read_dir(&root)
+                .at("cannot list", &root)?
+                .filter_map(|e| e.ok())
+                .any(|e| {
+                    !e.file_name().to_string_lossy().starts_with('.') && e.file_name() != "locks"
+                });
+            if non_empty {
+                return Err(StoreError::Damaged {
+                    path: root,
+                    reason: "the directory is not empty and has no oci-layout file, so it is not a mote store; point MOTE_HOME at an empty or new directory".into(),
+                });
+            }
+        }
+        let store = Store {
+            blobs: Blobs::new(&root),
+            journal: Journal::new(root.join("journal.jsonl")),
+            root,
+        };
+        for dir in [
+            store.blobs.dir(),
+            store.blobs.tmp_dir(),
+            &store.root.join("locks"),
+        ] {
+            fs::create_dir_all(dir).at("cannot create", dir)?;
+        }
+        if !layout.exists() || !store.root.join("index.json").exists() {
+            let _lock = store.lock_index()?;
+            if !layout.exists() {
+                write_atomic(&layout, OCI_LAYOUT.as_bytes())?;
+            }
+            let index_path = store.root.join("index.json");
+            if !index_path.exists() {
+                write_atomic(&index_path, &serialize_index(&Index::default()))?;
+            }
+        }
+        let text = fs::read_to_string(&layout).at("cannot read", &layout)?;
+        if !text.contains("\"imageLayoutVersion\"") {
+            return Err(StoreError::Damaged {
+                path: layout,
+                reason: "oci-layout does not declare an imageLayoutVersion".into(),
+            });
+        }
+        Ok(store)
+    }
+
+    /// Open the default store (see [`Store::default_root`]).
+    pub fn open_default() -> Result<Store> {
+        Store::open(Store::default_root()?)
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The journal.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn lock(&self, name: &str, exclusive: bool) -> Result<Lock> {
+        let path = self.root.join("locks").join(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at("cannot open lock file", &path)?;
+        if exclusive {
+            file.lock().at("cannot lock", &path)?;
+        } else {
+            file.lock_shared().at("cannot lock", &path)?;
+        }
+        Ok(Lock(file))
+    }
+
+    /// Held while index.json and the journal change.
+    fn lock_index(&self) -> Result<Lock> {
+        self.lock("index.lock", true)
+    }
+
+    /// Shared by writers of new blobs, exclusive for `gc`.
+    fn lock_blobs(&self, exclusive: bool) -> Result<Lock> {
+        self.lock("blobs.lock", exclusive)
+    }
+
+    fn read_index_file(&self) -> Result<Index> {
+        let path = self.root.join("index.json");
+        let bytes = fs::read(&path).at("cannot read", &path)?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Damaged {
+            path,
+            reason: format!("index.json does not parse: {e}"),
+        })
+    }
+
+    /// The current index: `index.json` plus any journal entries it does not reflect yet.
+    /// With `strict`, a broken journal is an error; otherwise the index is taken as it is.
+    fn state(&self, strict: bool) -> Result<(Index, Vec<Entry>)> {
+        let mut index = self.read_index_file()?;
+        let entries = match self.journal.entries() {
+            Ok(e) => e,
+            Err(e) if strict => return Err(e),
+            Err(_) => return Ok((index, Vec::new())),
+        };
+        let applied: u64 = index
+            .annotations
+            .get(ANNOTATION_JOURNAL_SEQ)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        for entry in entries.iter().filter(|e| e.seq > applied) {
+            apply(&mut index, &entry.event);
+        }
+        if let Some(last) = entries.last() {
+            index
+                .annotations
+                .insert(ANNOTATION_JOURNAL_SEQ.into(), last.seq.to_string());
+        }
+        Ok((index, entries))
+    }
+
+    /// Journal `events` and apply them to the index, atomically with respect to other
+    /// writers. `check` sees the current index first and may refuse.
+    fn commit(
+        &self,
+        check: impl FnOnce(&Index, &[Entry]) -> Result<Vec<Event>>,
+    ) -> Result<Vec<Entry>> {
+        let _lock = self.lock_index()?;
+        let (mut index, entries) = self.state(true)?;
+        let events = check(&index, &entries)?;
+        let mut last = entries.last().cloned();
+        let mut written = Vec::new();
+        for event in events {
+            let entry = self.journal.append(last.as_ref(), event)?;
+            apply(&mut index, &entry.event);
+            last = Some(entry.clone());
+            written.push(entry);
+        }
+        if let Some(last) = &last {
+            index
+                .annotations
+                .insert(ANNOTATION_JOURNAL_SEQ.into(), last.seq.to_string());
+        }
+        write_atomic(&self.root.join("index.json"), &serialize_index(&index))?;
+        Ok(written)
+    }
+
+    /// Record an event against a model (server start, audit, federated round, ...).
+    pub fn record(
+        &self,
+        kind: &str,
+        subject: Option<Digest>,
+        detail: serde_json::Value,
+    ) -> Result<Entry> {
+        let mut entries = self.commit(|_, _| {
+            Ok(vec![Event::Record {
+                kind: kind.to_string(),
+                subject,
+                detail,
+            }])
+        })?;
+        Ok(entries.remove(0))
+    }
+
+    /// Import a model from `source` (a `.onnx` or `.gguf` file, or a model directory),
+    /// optionally pointing `tag` at it.
+    pub fn import(
+        &self,
+        source: &Path,
+        tag: Option<&TagRef>,
+        options: &ImportOptions,
+    ) -> Result<ImportOutcome> {
+        let plan = plan(source, options)?;
+        let _blobs = self.lock_blobs(false)?;
+        let mut layers = Vec::with_capacity(plan.files.len() + 1);
+        let mut bytes = 0u64;
+        for file in &plan.files {
+            let f = File::open(&file.source).at("cannot open", &file.source)?;
+            let (digest, size) = self.blobs.put_reader(BufReader::new(f), &file.source)?;
+            bytes += size;
+            layers.push(Descriptor {
+                media_type: file.media_type.to_string(),
+                digest,
+                size,
+                artifact_type: None,
+                annotations: BTreeMap::from([
+                    (ANNOTATION_FILEPATH.to_string(), file.path.clone()),
+                    (ANNOTATION_TITLE.to_string(), file.path.clone()),
+                ]),
+            });
+        }
+        let settings = serde_json::to_vec(&plan.settings).expect("settings serialise");
+        let digest = self.blobs.put_bytes(&settings)?;
+        layers.push(Descriptor {
+            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
+            digest,
+            size: settings.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        });
+        let shown = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+        let outcome = self.commit_model(
+            plan.config,
+            layers,
+            shown.display().to_string(),
+            tag,
+            TagReason::Import,
+        )?;
+        Ok(ImportOutcome { bytes, ..outcome })
+    }
+
+    /// Write config and manifest for already-stored layers, then journal and tag the model.
+    fn commit_model(
+        &self,
+        mut config: ModelConfig,
+        layers: Vec<Descriptor>,
+        source: String,
+        tag: Option<&TagRef>,
+        reason: TagReason,
+    ) -> Result<ImportOutcome> {
+        config.modelfs = ModelFs {
+            kind: "layers".into(),
+            diff_ids: layers.iter().map(|l| l.digest).collect(),
+        };
+        let config_bytes = serde_json::to_vec(&config).expect("config serialises");
+        let config_digest = self.blobs.put_bytes(&config_bytes)?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_MANIFEST.into(),
+            artifact_type: Some(ARTIFACT_TYPE_MODEL.into()),
+            config: Descriptor {
+                media_type: MEDIA_TYPE_MODEL_CONFIG.into(),
+                digest: config_digest,
+                size: config_bytes.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::new(),
+            },
+            layers,
+            subject: None,
+            annotations: BTreeMap::new(),
+        };
+        let manifest_bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
+        let digest = self.blobs.put_bytes(&manifest_bytes)?;
+        let files = manifest.layers.len();
+        let bytes = manifest.layers.iter().map(|l| l.size).sum();
+        let mut previous = None;
+        self.commit(|index, _| {
+            let mut events = Vec::new();
+            if !index.manifests.iter().any(|m| m.digest == digest) {
+                events.push(Event::Import {
+                    digest,
+                    size: manifest_bytes.len() as u64,
+                    artifact_type: ARTIFACT_TYPE_MODEL.into(),
+                    source,
+                });
+            }
+            if let Some(tag) = tag {
+                let from = tagged(index, &tag.to_string());
+                previous = from;
+                if from != Some(digest) {
+                    events.push(Event::Tag {
+                        tag: tag.to_string(),
+                        from,
+                        to: digest,
+                        reason,
+                    });
+                }
+            }
+            Ok(events)
+        })?;
+        Ok(ImportOutcome {
+            digest,
+            tag: tag.map(ToString::to_string),
+            previous,
+            files,
+            bytes,
+        })
+    }
+
+    /// Resolve a reference to a manifest digest present in the index.
+    pub fn resolve(&self, reference: &Reference) -> Result<Digest> {
+        let (index, _) = self.state(false)?;
+        self.resolve_in(&index, reference)
+    }
+
+    fn resolve_in(&self, index: &Index, reference: &Reference) -> Result<Digest> {
+        let not_found = || StoreError::NotFound {
+            reference: reference.to_string(),
+            store: self.root.clone(),
+        };
+        match reference {
+            Reference::Tag(t) => tagged(index, &t.to_string()).ok_or_else(not_found),
+            Reference::Digest(d) => index
+                .manifests
+                .iter()
+                .any(|m| m.digest == *d)
+                .then_some(*d)
+                .ok_or_else(not_found),
+            Reference::DigestPrefix(p) => {
+                let matches: BTreeSet<Digest> = index
+                    .manifests
+                    .iter()
+                    .filter(|m| m.digest.hex().starts_with(p.as_str()))
+                    .map(|m| m.digest)
+                    .collect();
+                match matches.len() {
+                    0 => Err(not_found()),
+                    1 => Ok(*matches.iter().next().expect("one match")),
+                    count => Err(StoreError::Ambiguous {
+                        prefix: reference.to_string(),
+                        count,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn label(index: &Index, digest: &Digest) -> String {
+        let tags = tags_of(index, digest);
+        match tags.first() {
+            Some(t) => format!("{t} ({})", digest),
+            None => digest.to_string(),
+        }
+    }
+
+    fn read_json_blob<T: serde::de::DeserializeOwned>(
+        &self,
+        model: &str,
+        what: &str,
+        digest: &Digest,
+    ) -> Result<T> {
+        let bytes = match self.blobs.read_verified(digest)? {
+            Ok(b) => b,
+            Err(None) => {
+                return Err(StoreError::MissingBlob {
+                    model: model.into(),
+                    file: what.into(),
+                    digest: *digest,
+                });
+            }
+            Err(Some(actual)) => {
+                return Err(StoreError::Corrupt {
+                    model: model.into(),
+                    file: what.into(),
+                    expected: *digest,
+                    actual,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Damaged {
+            path: self.blobs.path(digest),
+            reason: format!("the {what} of model {model} does not parse: {e}"),
+        })
+    }
+
+    fn info_in(&self, index: &Index, digest: Digest) -> Result<ModelInfo> {
+        let model = Self::label(index, &digest);
+        let manifest: Manifest = self.read_json_blob(&model, "manifest", &digest)?;
+        if manifest.artifact_type.as_deref() != Some(ARTIFACT_TYPE_MODEL) {
+            return Err(StoreError::Damaged {
+                path: self.blobs.path(&digest),
+                reason: format!(
+                    "{model} is not a model manifest (artifactType {:?})",
+                    manifest.artifact_type
+                ),
+            });
+        }
+        let config: ModelConfig = self.read_json_blob(&model, "config", &manifest.config.digest)?;
+        let settings_layer = manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == MEDIA_TYPE_MOTE_SETTINGS)
+            .ok_or_else(|| StoreError::Damaged {
+                path: self.blobs.path(&digest),
+                reason: format!("{model} has no mote settings layer; re-import it with mote"),
+            })?;
+        let settings: Settings =
+            self.read_json_blob(&model, "(mote settings)", &settings_layer.digest)?;
+        let files: Vec<ModelFile> = manifest
+            .layers
+            .iter()
+            .map(|l| ModelFile {
+                path: l
+                    .file_path()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| "(mote settings)".into()),
+                media_type: l.media_type.clone(),
+                digest: l.digest,
+                size: l.size,
+                blob: self.blobs.path(&l.digest),
+            })
+            .collect();
+        let referrers = index
+            .manifests
+            .iter()
+            .filter(|m| m.annotations.get("dev.mote.subject") == Some(&digest.to_string()))
+            .cloned()
+            .collect();
+        Ok(ModelInfo {
+            digest,
+            tags: tags_of(index, &digest),
+            total_size: files.iter().map(|f| f.size).sum(),
+            config,
+            settings,
+            files,
+            referrers,
+        })
+    }
+
+    /// Describe a model (its manifest, config and settings are checked against their digests).
+    pub fn inspect(&self, reference: &Reference) -> Result<ModelInfo> {
+        let (index, _) = self.state(false)?;
+        let digest = self.resolve_in(&index, reference)?;
+        self.info_in(&index, digest)
+    }
+
+    /// Re-hash every blob of a model. Never modifies the store.
+    pub fn verify(&self, reference: &Reference) -> Result<VerifiedModel> {
+        let (index, _) = self.state(false)?;
+        let digest = self.resolve_in(&index, reference)?;
+        self.verify_digest(&index, digest)
+    }
+
+    fn verify_digest(&self, index: &Index, digest: Digest) -> Result<VerifiedModel> {
+        let info = self.info_in(index, digest)?;
+        let model = Self::label(index, &digest);
+        for file in &info.files {
+            match self.blobs.verify(&file.digest) {
+                Ok(size) if size == file.size => {}
+                Ok(size) => {
+                    return Err(StoreError::Damaged {
+                        path: file.blob.clone(),
+                        reason: format!(
+                            "{model}: {} has {size} bytes where the manifest says {}",
+                            file.path, file.size
+                        ),
+                    });
+                }
+                Err(None) => {
+                    return Err(StoreError::MissingBlob {
+                        model,
+                        file: file.path.clone(),
+                        digest: file.digest,
+                    });
+                }
+                Err(Some(actual)) => {
+                    return Err(StoreError::Corrupt {
+                        model,
+                        file: file.path.clone(),
+                        expected: file.digest,
+                        actual,
+                    });
+                }
+            }
+        }
+        Ok(VerifiedModel { info })
+    }
+
+    /// Open a model for use: resolve and re-hash everything it consists of.
+    pub fn open_model(&self, reference: &Reference) -> Result<VerifiedModel> {
+        self.verify(reference)
+    }
+
+    /// Verify every model in the store; one result per model.
+    pub fn verify_all(&self) -> Result<Vec<VerifyOutcome>> {
+        let (index, _) = self.state(false)?;
+        Ok(digests(&index)
+            .into_iter()
+            .filter(|d| is_model(&index, d))
+            .map(|d| VerifyOutcome {
+                digest: d,
+                tags: tags_of(&index, &d),
+                result: self.verify_digest(&index, d),
+            })
+            .collect())
+    }
+
+    /// Every model in the store, tagged or not.
+    pub fn list(&self) -> Result<Vec<ListedModel>> {
+        let (index, _) = self.state(false)?;
+        Ok(digests(&index)
+            .into_iter()
+            .filter(|d| is_model(&index, d))
+            .map(|d| match self.info_in(&index, d) {
+                Ok(info) => ListedModel {
+                    digest: d,
+                    tags: info.tags,
+                    task: Some(info.settings.task.to_string()),
+                    format: Some(info.settings.format),
+                    size: info.total_size,
+                    problem: None,
+                },
+                Err(e) => ListedModel {
+                    digest: d,
+                    tags: tags_of(&index, &d),
+                    task: None,
+                    format: None,
+                    size: 0,
+                    problem: Some(e.to_string()),
+                },
+            })
+            .collect())
+    }
+
+    /// Point `tag` at the model `reference` names.
+    pub fn tag(&self, reference: &Reference, tag: &TagRef) -> Result<TagMove> {
+        self.move_tag(reference, tag, TagReason::Tag)
+    }
+
+    fn move_tag(&self, reference: &Reference, tag: &TagRef, reason: TagReason) -> Result<TagMove> {
+        let mut result = None;
+        self.commit(|index, _| {
+            let to = self.resolve_in(index, reference)?;
+            let from = tagged(index, &tag.to_string());
+            result = Some(TagMove {
+                tag: tag.to_string(),
+                from,
+                to,
+            });
+            Ok(if from == Some(to) {
+                Vec::new()
+            } else {
+                vec![Event::Tag {
+                    tag: tag.to_string(),
+                    from,
+                    to,
+                    reason,
+                }]
+            })
+        })?;
+        Ok(result.expect("commit ran the check"))
+    }
+
+    /// Every move of `tag`, oldest first.
+    pub fn history(&self, tag: &TagRef) -> Result<Vec<HistoryItem>> {
+        let name = tag.to_string();
+        Ok(self
+            .journal
+            .entries()?
+            .into_iter()
+            .filter_map(|e| {
+                let (from, to, reason) = match &e.event {
+                    Event::Tag {
+                        tag,
+                        from,
+                        to,
+                        reason,
+                    } if *tag == name => (
+                        *from,
+                        Some(*to),
+                        serde_json::to_value(reason).ok()?.as_str()?.to_string(),
+                    ),
+                    Event::Untag { tag, from } if *tag == name => {
+                        (Some(*from), None, "untag".into())
+                    }
+                    _ => return None,
+                };
+                Some(HistoryItem {
+                    seq: e.seq,
+                    time: e.time,
+                    user: e.user,
+                    from,
+                    to,
+                    reason,
+                })
+            })
+            .collect())
+    }
+
+    /// Move `tag` back to the digest it pointed at before its current one. Repeated
+    /// rollbacks walk further back through the tag's history.
+    pub fn rollback(&self, tag: &TagRef) -> Result<TagMove> {
+        let name = tag.to_string();
+        let mut result = None;
+        self.commit(|index, entries| {
+            // The tag's states as a stack: forward moves push, rollbacks pop, untag clears.
+            let mut stack: Vec<Digest> = Vec::new();
+            for e in entries {
+                match &e.event {
+                    Event::Tag { tag, to, reason, .. } if *tag == name => {
+                        if *reason == TagReason::Rollback {
+                            stack.pop();
+                        } else {
+                            stack.push(*to);
+                        }
+                    }
+                    Event::Untag { tag, .. } if *tag == name => stack.clear(),
+                    _ => {}
+                }
+            }
+            let current = tagged(index, &name).ok_or_else(|| StoreError::Rollback {
+                tag: name.clone(),
+                reason: "the tag does not exist; `mote ls` lists tags".into(),
+            })?;
+            if stack.len() < 2 {
+                return Err(StoreError::Rollback {
+                    tag: name.clone(),
+                    reason: "it has no earlier digest to go back to (`mote history` shows its moves)".into(),
+                });
+            }
+            let target = stack[stack.len() - 2];
+            if !index.manifests.iter().any(|m| m.digest == target) {
+                return Err(StoreError::Rollback {
+                    tag: name.clone(),
+                    reason: format!("its previous model {target} was removed with `mote rm`; import it again and use `mote tag`"),
+                });
+            }
+            result = Some(TagMove {
+                tag: name.clone(),
+                from: Some(current),
+                to: target,
+            });
+            Ok(vec![Event::Tag {
+                tag: name.clone(),
+                from: Some(current),
+                to: target,
+                reason: TagReason::Rollback,
+            }])
+        })?;
+        Ok(result.expect("commit ran the check"))
+    }
+
+    /// Remove a tag (`name:tag`), or a whole model with its tags (`sha256:…`). Blobs are
+    /// freed by the next [`Store::gc`].
+    pub fn remove(&self, reference: &Reference) -> Result<Removed> {
+        let mut result = None;
+        self.commit(|index, _| {
+            let digest = self.resolve_in(index, reference)?;
+            let mut events = Vec::new();
+            let mut removed = Removed {
+                tags: Vec::new(),
+                model: None,
+            };
+            match reference {
+                Reference::Tag(t) => {
+                    events.push(Event::Untag {
+                        tag: t.to_string(),
+                        from: digest,
+                    });
+                    removed.tags.push(t.to_string());
+                }
+                _ => {
+                    for t in tags_of(index, &digest) {
+                        events.push(Event::Untag {
+                            tag: t.clone(),
+                            from: digest,
+                        });
+                        removed.tags.push(t);
+                    }
+                    events.push(Event::Remove { digest });
+                    removed.model = Some(digest);
+                }
+            }
+            result = Some(removed);
+            Ok(events)
+        })?;
+        Ok(result.expect("commit ran the check"))
+    }
+
+    /// Delete blobs no manifest in the index reaches, and temp files of interrupted writes.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _blobs = self.lock_blobs(true)?;
+        let mut report = GcReport::default();
+        let mut events = Vec::new();
+        {
+            let _index = self.lock_index()?;
+            let (index, _) = self.state(true)?;
+            let mut live: BTreeSet<Digest> = BTreeSet::new();
+            for d in digests(&index) {
+                live.insert(d);
+                // A manifest we cannot read keeps nothing else alive but itself; verify reports it.
+                if let Ok(Ok(bytes)) = self.blobs.read_verified(&d)
+                    && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+                {
+                    live.insert(m.config.digest);
+                    live.extend(m.layers.iter().map(|l| l.digest));
+                }
+            }
+            let dir = self.blobs.dir();
+            for entry in fs::read_dir(dir).at("cannot list", dir)? {
+                let entry = entry.at("cannot list", dir)?;
+                let name = entry.file_name();
+                let keep = name
+                    .to_str()
+                    .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok())
+                    .is_some_and(|d| live.contains(&d));
+                if !keep {
+                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    fs::remove_file(entry.path()).at("cannot delete", entry.path())?;
+                    report.blobs += 1;
+                    report.bytes += size;
+                }
+            }
+            let tmp = self.blobs.tmp_dir();
+            for entry in fs::read_dir(tmp).at("cannot list", tmp)? {
+                let entry = entry.at("cannot list", tmp)?;
+                fs::remove_file(entry.path()).at("cannot delete", entry.path())?;
+                report.temp_files += 1;
+            }
+            if report.blobs > 0 {
+                events.push(Event::Gc {
+                    blobs: report.blobs,
+                    bytes: report.bytes,
+                });
+            }
+        }
+        if !events.is_empty() {
+            self.commit(|_, _| Ok(events))?;
+        }
+        Ok(report)
+    }
+}
+
+fn serialize_index(index: &Index) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(index).expect("index serialises");
+    out.push(b'\n');
+    out
+}
+
+/// The digest a tag points at.
+fn tagged(index: &Index, tag: &str) -> Option<Digest> {
+    index
+        .manifests
+        .iter()
+        .find(|m| m.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
+        .map(|m| m.digest)
+}
+
+/// Tags pointing at a digest, sorted.
+fn tags_of(index: &Index, digest: &Digest) -> Vec<String> {
+    let mut tags: Vec<String> = index
+        .manifests
+        .iter()
+        .filter(|m| m.digest == *digest)
+        .filter_map(|m| m.annotations.get(ANNOTATION_REF_NAME).cloned())
+        .collect();
+    tags.sort();
+    tags
+}
+
+/// Distinct digests in the index, sorted.
+fn digests(index: &Index) -> Vec<Digest> {
+    let set: BTreeSet<Digest> = index.manifests.iter().map(|m| m.digest).collect();
+    set.into_iter().collect()
+}
+
+fn is_model(index: &Index, digest: &Digest) -> bool {
+    index.manifests.iter().any(|m| {
+        m.digest == *digest
+            && m.artifact_type
+                .as_deref()
+                .is_none_or(|t| t == ARTIFACT_TYPE_MODEL)
+    })
+}
+
+/// Apply one journal event to the index. Invariant kept: a digest in the index is listed
+/// once per tag, or once without a tag when it has none.
+fn apply(index: &mut Index, event: &Event) {
+    let entry_for = |index: &Index, digest: &Digest| {
+        index
+            .manifests
+            .iter()
+            .find(|m| m.digest == *digest)
+            .cloned()
+    };
+    let drop_untagged_if_tagged = |index: &mut Index, digest: &Digest| {
+        let tagged = index
+            .manifests
+            .iter()
+            .any(|m| m.digest == *digest && m.annotations.contains_key(ANNOTATION_REF_NAME));
+        if tagged {
+            index
+                .manifests
+                .retain(|m| m.digest != *digest || m.annotations.contains_key(ANNOTATION_REF_NAME));
+        }
+    };
+    let keep_listed = |index: &mut Index, template: Descriptor| {
+        if !index.manifests.iter().any(|m| m.digest == template.digest) {
+            let mut untagged = template;
+            untagged.annotations.remove(ANNOTATION_REF_NAME);
+            index.manifests.push(untagged);
+        }
+    };
+    match event {
+        Event::Import {
+            digest,
+            size,
+            artifact_type,
+            ..
+        } => {
+            if entry_for(index, digest).is_none() {
+                index.manifests.push(Descriptor {
+                    media_type: MEDIA_TYPE_MANIFEST.into(),
+                    digest: *digest,
+                    size: *size,
+                    artifact_type: Some(artifact_type.clone()),
+                    annotations: BTreeMap::new(),
+                });
+            }
+        }
+        Event::Tag { tag, to, .. } => {
+            let Some(template) = entry_for(index, to) else {
+                return;
+            };
+            let old = index
+                .manifests
+                .iter()
+                .position(|m| m.annotations.get(ANNOTATION_REF_NAME) == Some(tag));
+            if let Some(pos) = old {
+                let previous = index.manifests.remove(pos);
+                keep_listed(index, previous);
+            }
+            let mut new = template;
+            new.annotations = BTreeMap::from([(ANNOTATION_REF_NAME.to_string(), tag.clone())]);
+            index.manifests.push(new);
+            drop_untagged_if_tagged(index, to);
+        }
+        Event::Untag { tag, .. } => {
+            if let Some(pos) = index
+                .manifests
+                .iter()
+                .position(|m| m.annotations.get(ANNOTATION_REF_NAME) == Some(tag))
+            {
+                let previous = index.manifests.remove(pos);
+                keep_listed(index, previous);
+            }
+        }
+        Event::Remove { digest } => index.manifests.retain(|m| m.digest != *digest),
+        Event::Gc { .. } | Event::Record { .. } => {}
+    }
+    index.manifests.sort_by(|a, b| {
+        (a.annotations.get(ANNOTATION_REF_NAME), a.digest)
+            .cmp(&(b.annotations.get(ANNOTATION_REF_NAME), b.digest))
+    });
+}

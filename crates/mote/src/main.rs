@@ -1,0 +1,20 @@
+//! The `mote` command line: argument parsing and wiring only. Every behaviour lives in a
+//! library crate; this file turns flags into calls and results into text or JSON.
+
+mod cli;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

