@@ -331,9 +331,15 @@ impl Gguf {
         let n_kv = r.u64("the metadata count")?;
         // Each tensor info takes at least 8+4+8+4+8 bytes, each kv at least 8+4+1.
         for (what, n, min) in [("tensors", n_tensors, 32), ("metadata entries", n_kv, 13)] {
-            if n > MAX_ENTRIES || n.saturating_mul(min) > r.remaining() {
+            if n > MAX_ENTRIES {
                 return Err(GgufError::Limit(format!(
-                    "{n} {what} cannot fit in a {file_len}-byte file (limit {MAX_ENTRIES})"
+                    "it declares {n} {what} (limit {MAX_ENTRIES})"
+                )));
+            }
+            if n.saturating_mul(min) > r.remaining() {
+                return Err(GgufError::Truncated(format!(
+                    "the header, which declares {n} {what} but has only {} bytes left",
+                    r.remaining()
                 )));
             }
         }

@@ -1,0 +1,405 @@
+//! Store behaviour on small synthetic models: digests, tags, rollback, crash replay, gc,
+//! corruption and concurrency. (Real models are exercised end to end in `crates/mote/tests`.)
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use mote_store::{ImportOptions, Reference, Store, StoreError, TagRef, Task};
+
+/// A minimal GGUF v3 file with a vocabulary and one Q8_0 tensor; `seed` varies the weights.
+fn gguf(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    fn s(out: &mut Vec<u8>, v: &str) {
+        out.extend((v.len() as u64).to_le_bytes());
+        out.extend(v.as_bytes());
+    }
+    let mut f = b"GGUF".to_vec();
+    f.extend(3u32.to_le_bytes());
+    f.extend(1u64.to_le_bytes());
+    f.extend(2u64.to_le_bytes());
+    s(&mut f, "general.architecture");
+    f.extend(8u32.to_le_bytes());
+    s(&mut f, "llama");
+    s(&mut f, "tokenizer.ggml.tokens");
+    f.extend(9u32.to_le_bytes());
+    f.extend(8u32.to_le_bytes());
+    f.extend(1u64.to_le_bytes());
+    s(&mut f, "hello");
+    s(&mut f, "output.weight");
+    f.extend(1u32.to_le_bytes());
+    f.extend(32u64.to_le_bytes());
+    f.extend(8u32.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    while f.len() % 32 != 0 {
+        f.push(0);
+    }
+    f.extend(vec![seed; 34]);
+    let path = dir.join(name);
+    fs::write(&path, f).unwrap();
+    path
+}
+
+fn tag(s: &str) -> TagRef {
+    s.parse().unwrap()
+}
+
+fn reference(s: &str) -> Reference {
+    s.parse().unwrap()
+}
+
+fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn same_files_give_the_same_digest_in_two_stores() {
+    let (dir, a) = store();
+    let b = Store::open(dir.path().join("other")).unwrap();
+    let src = gguf(dir.path(), "m.gguf", 1);
+    let da = a
+        .import(&src, Some(&tag("m")), &ImportOptions::default())
+        .unwrap();
+    let db = b.import(&src, None, &ImportOptions::default()).unwrap();
+    assert_eq!(da.digest, db.digest);
+    let info = a.inspect(&reference("m")).unwrap();
+    assert_eq!(info.settings.task, Task::TextGeneration);
+    assert_eq!(info.config.modelfs.diff_ids.len(), info.files.len());
+}
+
+#[test]
+fn settings_are_part_of_the_identity() {
+    let (dir, s) = store();
+    let src = gguf(dir.path(), "m.gguf", 1);
+    let gen_ = s.import(&src, None, &ImportOptions::default()).unwrap();
+    let tensor = s
+        .import(
+            &src,
+            None,
+            &ImportOptions {
+                task: Some(Task::Tensor),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_ne!(gen_.digest, tensor.digest);
+}
+
+#[test]
+fn rollback_walks_back_and_history_shows_every_move() {
+    let (dir, s) = store();
+    let t = tag("model:prod");
+    let d1 = s
+        .import(
+            &gguf(dir.path(), "a.gguf", 1),
+            Some(&t),
+            &Default::default(),
+        )
+        .unwrap()
+        .digest;
+    let d2 = s
+        .import(
+            &gguf(dir.path(), "b.gguf", 2),
+            Some(&t),
+            &Default::default(),
+        )
+        .unwrap()
+        .digest;
+    let d3 = s
+        .import(
+            &gguf(dir.path(), "c.gguf", 3),
+            Some(&t),
+            &Default::default(),
+        )
+        .unwrap()
+        .digest;
+    assert_eq!(s.resolve(&reference("model:prod")).unwrap(), d3);
+    assert_eq!(s.rollback(&t).unwrap().to, d2);
+    assert_eq!(s.rollback(&t).unwrap().to, d1);
+    let err = s.rollback(&t).unwrap_err().to_string();
+    assert!(err.contains("no earlier digest"), "{err}");
+    assert_eq!(s.resolve(&reference("model:prod")).unwrap(), d1);
+    let h = s.history(&t).unwrap();
+    let moves: Vec<_> = h
+        .iter()
+        .map(|i| (i.from, i.to, i.reason.as_str()))
+        .collect();
+    assert_eq!(
+        moves,
+        vec![
+            (None, Some(d1), "import"),
+            (Some(d1), Some(d2), "import"),
+            (Some(d2), Some(d3), "import"),
+            (Some(d3), Some(d2), "rollback"),
+            (Some(d2), Some(d1), "rollback"),
+        ]
+    );
+    // Older models stay listed (untagged) so rollback can reach them.
+    assert_eq!(s.list().unwrap().len(), 3);
+    s.journal().verify().unwrap();
+}
+
+#[test]
+fn tag_moves_survive_a_crash_between_journal_and_index() {
+    let (dir, s) = store();
+    let t = tag("m");
+    s.import(
+        &gguf(dir.path(), "a.gguf", 1),
+        Some(&t),
+        &Default::default(),
+    )
+    .unwrap();
+    let index = s.root().join("index.json");
+    let before = fs::read(&index).unwrap();
+    let d2 = s
+        .import(
+            &gguf(dir.path(), "b.gguf", 2),
+            Some(&t),
+            &Default::default(),
+        )
+        .unwrap()
+        .digest;
+    // Simulate a process killed after the journal append, before index.json was replaced.
+    fs::write(&index, before).unwrap();
+    assert_eq!(
+        s.resolve(&reference("m")).unwrap(),
+        d2,
+        "readers replay the journal"
+    );
+    let d3 = s
+        .import(
+            &gguf(dir.path(), "c.gguf", 3),
+            Some(&tag("other")),
+            &Default::default(),
+        )
+        .unwrap()
+        .digest;
+    let text = fs::read_to_string(&index).unwrap();
+    assert!(
+        text.contains(&d2.to_string()) && text.contains(&d3.to_string()),
+        "{text}"
+    );
+}
+
+#[test]
+fn gc_keeps_everything_reachable_and_frees_removed_models() {
+    let (dir, s) = store();
+    let keep = s
+        .import(
+            &gguf(dir.path(), "a.gguf", 1),
+            Some(&tag("keep")),
+            &Default::default(),
+        )
+        .unwrap();
+    let drop = s
+        .import(
+            &gguf(dir.path(), "b.gguf", 2),
+            Some(&tag("drop")),
+            &Default::default(),
+        )
+        .unwrap();
+    fs::write(s.root().join("tmp").join(".blob-leftover.partial"), b"x").unwrap();
+    let r = s.gc().unwrap();
+    assert_eq!((r.blobs, r.temp_files), (0, 1));
+    s.remove(&reference("drop")).unwrap();
+    assert_eq!(
+        s.gc().unwrap().blobs,
+        0,
+        "an untagged model is still in the store"
+    );
+    s.remove(&Reference::Digest(drop.digest)).unwrap();
+    let r = s.gc().unwrap();
+    assert!(
+        r.blobs >= 2,
+        "the removed model's manifest and weights go: {r:?}"
+    );
+    s.verify(&Reference::Digest(keep.digest)).unwrap();
+    assert!(matches!(
+        s.verify(&Reference::Digest(drop.digest)),
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn a_flipped_byte_fails_verification_naming_file_and_digests_and_changes_nothing() {
+    let (dir, s) = store();
+    let out = s
+        .import(
+            &gguf(dir.path(), "m.gguf", 1),
+            Some(&tag("m")),
+            &Default::default(),
+        )
+        .unwrap();
+    let info = s.inspect(&reference("m")).unwrap();
+    let weights = info.file("m.gguf").unwrap().clone();
+    let blob = &weights.blob;
+    let mut bytes = fs::read(blob).unwrap();
+    bytes[100] ^= 1;
+    let mut perms = fs::metadata(blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(blob, perms).unwrap();
+    fs::write(blob, &bytes).unwrap();
+    let listing = |root: &Path| {
+        let mut v: Vec<_> = walk(root);
+        v.sort();
+        v
+    };
+    let before = listing(s.root());
+    let err = s.open_model(&reference("m")).unwrap_err();
+    match &err {
+        StoreError::Corrupt {
+            model,
+            file,
+            expected,
+            actual,
+        } => {
+            assert!(model.contains("m:latest") && model.contains(&out.digest.to_string()));
+            assert_eq!(file, "m.gguf");
+            assert_eq!(*expected, weights.digest);
+            assert_ne!(actual, expected);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("re-import"), "{msg}");
+    assert_eq!(before, listing(s.root()), "verification modified the store");
+}
+
+fn walk(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push((p.clone(), fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn concurrent_imports_and_tag_moves_keep_the_store_consistent() {
+    let (dir, s) = store();
+    let sources: Vec<PathBuf> = (0..6)
+        .map(|i| gguf(dir.path(), &format!("m{i}.gguf"), i))
+        .collect();
+    std::thread::scope(|scope| {
+        for (i, src) in sources.iter().enumerate() {
+            let s = s.clone();
+            scope.spawn(move || {
+                for round in 0..3 {
+                    let t = tag(&format!("m{}", (i + round) % 3));
+                    s.import(src, Some(&t), &Default::default()).unwrap();
+                }
+            });
+        }
+    });
+    let entries = s.journal().verify().unwrap();
+    assert!(entries.len() >= 6);
+    for o in s.verify_all().unwrap() {
+        o.result.unwrap();
+    }
+    assert_eq!(s.list().unwrap().len(), 6);
+}
+
+#[test]
+fn malformed_sources_give_clear_errors() {
+    let (dir, s) = store();
+    let good = fs::read(gguf(dir.path(), "g.gguf", 1)).unwrap();
+    fs::write(dir.path().join("trunc.gguf"), &good[..40]).unwrap();
+    let e = s
+        .import(&dir.path().join("trunc.gguf"), None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("truncated"), "{e}");
+
+    let hf = dir.path().join("hf");
+    fs::create_dir(&hf).unwrap();
+    fs::write(hf.join("config.json"), "{}").unwrap();
+    let e = s
+        .import(&hf, None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no weights"), "{e}");
+
+    fs::write(
+        hf.join("model.safetensors"),
+        [200u8, 0, 0, 0, 0, 0, 0, 0, b'{'],
+    )
+    .unwrap();
+    let e = s
+        .import(&hf, None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("truncated"), "{e}");
+
+    let e = s
+        .import(&dir.path().join("missing.onnx"), None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.onnx"), "{e}");
+
+    fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    let e = s
+        .import(&dir.path().join("notes.txt"), None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unrecognised"), "{e}");
+    assert_eq!(s.list().unwrap().len(), 0);
+}
+
+#[test]
+fn references_are_resolved_by_unique_prefix_only() {
+    let (dir, s) = store();
+    let d = s
+        .import(&gguf(dir.path(), "a.gguf", 1), None, &Default::default())
+        .unwrap()
+        .digest;
+    let prefix = format!("sha256:{}", &d.hex()[..12]);
+    assert_eq!(s.resolve(&reference(&prefix)).unwrap(), d);
+    assert!(matches!(
+        s.resolve(&reference("sha256:000000000000")),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!("sha256:../../../etc/passwd".parse::<Reference>().is_err());
+}
+
+#[test]
+fn a_tampered_journal_blocks_writes_but_not_reads() {
+    let (dir, s) = store();
+    s.import(
+        &gguf(dir.path(), "a.gguf", 1),
+        Some(&tag("a")),
+        &Default::default(),
+    )
+    .unwrap();
+    let path = s.journal().path().to_path_buf();
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(
+        &path,
+        text.replacen("llama", "llamb", 1)
+            .replacen("\"a:latest\"", "\"b:latest\"", 1),
+    )
+    .unwrap();
+    let e = s.journal().verify().unwrap_err();
+    assert!(
+        matches!(e, StoreError::JournalBroken { line: 2, .. }),
+        "{e}"
+    );
+    assert!(
+        s.resolve(&reference("a")).is_ok(),
+        "reads fall back to index.json"
+    );
+    let e = s.tag(&reference("a"), &tag("c")).unwrap_err();
+    assert!(matches!(e, StoreError::JournalBroken { .. }), "{e}");
+}
+
+#[test]
+fn a_directory_that_is_not_a_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("precious.txt"), "data").unwrap();
+    let e = Store::open(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not a mote store"), "{e}");
+}

@@ -1,0 +1,102 @@
+//! Helpers shared by the end-to-end tests: locating test models and running the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Directory of models fetched by `scripts/fetch-models.sh`.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MOTE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/mote/models")
+        });
+    for needed in [
+        "all-MiniLM-L6-v2/model.safetensors",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ] {
+        assert!(
+            dir.join(needed).is_file(),
+            "test model {} is missing: run scripts/fetch-models.sh (or set MOTE_MODELS_DIR)",
+            dir.join(needed).display()
+        );
+    }
+    dir
+}
+
+/// The MiniLM sentence-transformers directory.
+pub fn minilm_dir() -> PathBuf {
+    models_dir().join("all-MiniLM-L6-v2")
+}
+
+/// The SmolLM2 GGUF file.
+pub fn smollm2_gguf() -> PathBuf {
+    models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// `../shared/models` next to the repository (or `$MOTE_SHARED_MODELS`).
+pub fn shared_models() -> PathBuf {
+    let dir = std::env::var_os("MOTE_SHARED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models"));
+    assert!(
+        dir.join("MANIFEST.md").is_file(),
+        "shared test fixtures not found at {}: clone the project next to shared/ (or set MOTE_SHARED_MODELS)",
+        dir.display()
+    );
+    dir
+}
+
+/// A `mote` command bound to a store directory, with no inherited MOTE_HOME.
+pub fn mote(store: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mote"));
+    cmd.env_remove("MOTE_HOME").arg("--store").arg(store);
+    cmd
+}
+
+/// Run and require success; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("mote runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Run and require exit code `code`; returns the output. Never accepts a panic.
+pub fn fails(cmd: &mut Command, code: i32) -> Output {
+    let out = cmd.output().expect("mote runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{cmd:?}: expected exit {code}\nstdout: {}\nstderr: {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
+    out
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Import and return the printed digest.
+pub fn import(store: &Path, source: &Path, name: &str, extra: &[&str]) -> String {
+    let out = ok(mote(store)
+        .arg("import")
+        .arg(source)
+        .args(["--name", name])
+        .args(extra));
+    let digest = out.trim().to_string();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "not a digest: {digest:?}"
+    );
+    digest
+}

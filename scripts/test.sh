@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run mote's whole test suite on a fresh machine: installs what the tests need (skopeo from
+# the distribution's packages), fetches the pinned test models, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v skopeo >/dev/null 2>&1; then
+  echo "test.sh: installing skopeo (the OCI interoperability test copies models with it)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo >/dev/null
+fi
+
+scripts/fetch-models.sh
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo test --workspace --doc
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
