@@ -29,7 +29,7 @@ fn gguf(dir: &Path, name: &str, seed: u8) -> PathBuf {
     f.extend(32u64.to_le_bytes());
     f.extend(8u32.to_le_bytes());
     f.extend(0u64.to_le_bytes());
-    while f.len() % 32 != 0 {
+    while !f.len().is_multiple_of(32) {
         f.push(0);
     }
     f.extend(vec![seed; 34]);
