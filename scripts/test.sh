@@ -15,8 +15,8 @@ fi
 scripts/fetch-models.sh
 
 if cargo nextest --version >/dev/null 2>&1; then
+  cargo test --workspace --doc --quiet >/dev/null
   cargo nextest run --workspace --no-fail-fast "$@"
-  cargo test --workspace --doc
 else
   cargo test --workspace --no-fail-fast "$@"
 fi
