@@ -116,6 +116,32 @@ pub struct VerifiedModel {
     pub info: ModelInfo,
 }
 
+impl VerifiedModel {
+    /// Read one file of the model, checking its digest again as it is read (so what the
+    /// caller gets is exactly what was verified, even if the blob changed since).
+    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let model = match self.info.tags.first() {
+            Some(t) => format!("{t} ({})", self.info.digest),
+            None => self.info.digest.to_string(),
+        };
+        let file = self.info.file(path).ok_or_else(|| StoreError::Damaged {
+            path: PathBuf::from(path),
+            reason: format!("model {model} has no file {path:?}; re-import it"),
+        })?;
+        let bytes = fs::read(&file.blob).at("cannot read", &file.blob)?;
+        let actual = Digest::of(&bytes);
+        if actual != file.digest {
+            return Err(StoreError::Corrupt {
+                model,
+                file: path.to_string(),
+                expected: file.digest,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+}
+
 /// The verification of one model by [`Store::verify_all`].
 #[derive(Debug)]
 pub struct VerifyOutcome {

@@ -26,6 +26,8 @@ pub struct Cli {
 enum Command {
     /// Import a model (.onnx file, .gguf file, or a Hugging Face style directory) and print its digest.
     Import(ImportArgs),
+    /// Run a model: embeddings for texts, labels for images, tensors for tensors.
+    Run(crate::run::RunArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -94,10 +96,10 @@ enum JournalAction {
 }
 
 #[derive(Args, Debug, Clone, Copy)]
-struct JsonFlag {
+pub(crate) struct JsonFlag {
     /// Print machine-readable JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -154,7 +156,7 @@ fn parse_triple(s: &str) -> Result<[f32; 3], String> {
         .map_err(|_| "expected three comma-separated numbers".to_string())
 }
 
-fn parse_ref(s: &str) -> Result<Reference> {
+pub(crate) fn parse_ref(s: &str) -> Result<Reference> {
     Ok(s.parse::<Reference>()?)
 }
 
@@ -172,6 +174,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         .with_context(|| format!("cannot open the store at {}", root.display()))?;
     match cli.command {
         Command::Import(args) => import(&store, args),
+        Command::Run(args) => crate::run::run(&store, args),
         Command::Ls(j) => ls(&store, j.json),
         Command::Inspect { reference, json } => inspect(&store, &reference, json.json),
         Command::Verify {

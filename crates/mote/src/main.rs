@@ -3,6 +3,7 @@
 
 mod cli;
 mod output;
+mod run;
 
 use std::process::ExitCode;
 

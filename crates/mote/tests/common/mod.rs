@@ -1,51 +1,11 @@
 //! Helpers shared by the end-to-end tests: locating test models and running the real binary.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-/// Directory of models fetched by `scripts/fetch-models.sh`.
-pub fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("MOTE_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/mote/models")
-        });
-    for needed in [
-        "all-MiniLM-L6-v2/model.safetensors",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-    ] {
-        assert!(
-            dir.join(needed).is_file(),
-            "test model {} is missing: run scripts/fetch-models.sh (or set MOTE_MODELS_DIR)",
-            dir.join(needed).display()
-        );
-    }
-    dir
-}
-
-/// The MiniLM sentence-transformers directory.
-pub fn minilm_dir() -> PathBuf {
-    models_dir().join("all-MiniLM-L6-v2")
-}
-
-/// The SmolLM2 GGUF file.
-pub fn smollm2_gguf() -> PathBuf {
-    models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-/// `../shared/models` next to the repository (or `$MOTE_SHARED_MODELS`).
-pub fn shared_models() -> PathBuf {
-    let dir = std::env::var_os("MOTE_SHARED_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models"));
-    assert!(
-        dir.join("MANIFEST.md").is_file(),
-        "shared test fixtures not found at {}: clone the project next to shared/ (or set MOTE_SHARED_MODELS)",
-        dir.display()
-    );
-    dir
-}
+#[allow(unused_imports)]
+pub use mote_testkit::{minilm_dir, shared_models, smollm2_gguf};
 
 /// A `mote` command bound to a store directory, with no inherited MOTE_HOME.
 pub fn mote(store: &Path) -> Command {

@@ -1,0 +1,28 @@
+"""Print a benchmark JSONL file as a table: p50/p95 per engine, and each engine's p50 as a
+multiple of mote's (above 1 means mote is faster). Standard library only."""
+import json
+import sys
+from collections import defaultdict
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+by = defaultdict(dict)
+engines = []
+for r in rows:
+    by[(r["case"], r["threads"])][r["engine"]] = r
+    if r["engine"] not in engines:
+        engines.append(r["engine"])
+head = f"{'case':<18}{'thr':>4}" + "".join(f"{e + ' p50/p95 ms':>28}" for e in engines)
+others = [e for e in engines if e != "mote"]
+head += "".join(f"{e + '/mote':>18}" for e in others)
+print(head)
+for (case, threads), res in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    line = f"{case:<18}{threads:>4}"
+    for e in engines:
+        r = res.get(e)
+        line += f"{(f'{r['p50_ms']:.2f} / {r['p95_ms']:.2f}' if r else '-'):>28}"
+    for e in others:
+        if e in res and "mote" in res:
+            line += f"{res[e]['p50_ms'] / res['mote']['p50_ms']:>18.2f}"
+        else:
+            line += f"{'-':>18}"
+    print(line)

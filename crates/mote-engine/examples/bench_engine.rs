@@ -1,0 +1,117 @@
+//! Engine latency on the shared benchmark inputs (see bench/engine.sh): imports the ONNX
+//! fixtures into a temporary store, runs each case through the tensor pipeline at 1 and 2
+//! threads, and prints one JSON line per case with p50/p95 in milliseconds.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mote_engine::{EngineOptions, Model, Pipeline, Tensor, npy};
+use mote_store::{ImportOptions, Store};
+
+/// Named inputs of one case.
+type Inputs = Vec<(String, Tensor)>;
+
+const MIN_RUNS: usize = 20;
+const BUDGET: Duration = Duration::from_secs(3);
+
+fn load(path: &Path) -> Tensor {
+    npy::read(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+fn first_rows(t: &Tensor, n: usize) -> Tensor {
+    let per: usize = t.shape()[1..].iter().product();
+    let mut shape = t.shape().to_vec();
+    shape[0] = n;
+    Tensor::new(
+        shape,
+        mote_engine::TensorData::F32(t.as_f32().unwrap()[..n * per].to_vec()),
+    )
+    .unwrap()
+}
+
+fn main() {
+    let shared = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: bench_engine SHARED_MODELS_DIR"),
+    );
+    let refdir = shared.join("ref");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    for (file, name) in [
+        ("minilm-l6.onnx", "minilm"),
+        ("mobilenetv2.onnx", "mobilenet"),
+    ] {
+        store
+            .import(
+                &shared.join(file),
+                Some(&name.parse().unwrap()),
+                &ImportOptions::default(),
+            )
+            .unwrap();
+    }
+    let minilm = |b: usize, s: usize| -> Inputs {
+        ["input_ids", "attention_mask", "token_type_ids"]
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    load(&refdir.join(format!("bench_minilm_b{b}_s{s}_{n}.npy"))),
+                )
+            })
+            .collect()
+    };
+    let images = load(&refdir.join("bench_mobilenet_b16.npy"));
+    let cases: Vec<(&str, &str, Inputs)> = vec![
+        ("minilm_b1_s16", "minilm", minilm(1, 16)),
+        ("minilm_b1_s128", "minilm", minilm(1, 128)),
+        ("minilm_b32_s128", "minilm", minilm(32, 128)),
+        (
+            "mobilenet_b1",
+            "mobilenet",
+            vec![(String::new(), first_rows(&images, 1))],
+        ),
+        (
+            "mobilenet_b16",
+            "mobilenet",
+            vec![(String::new(), images.clone())],
+        ),
+    ];
+    for threads in [1, 2] {
+        for (case, model, inputs) in &cases {
+            let m = Model::open(
+                &store,
+                &model.parse().unwrap(),
+                &EngineOptions {
+                    threads: Some(threads),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let Pipeline::Tensor(p) = m.pipeline(None).unwrap() else {
+                unreachable!()
+            };
+            let run = || p.run(inputs.clone()).unwrap();
+            for _ in 0..3 {
+                run();
+            }
+            let mut times = Vec::new();
+            let start = Instant::now();
+            while times.len() < MIN_RUNS || start.elapsed() < BUDGET {
+                let t = Instant::now();
+                run();
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                if times.len() >= 2000 {
+                    break;
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let p50 = times[times.len() / 2];
+            let p95 = times[(times.len() * 95 / 100).min(times.len() - 1)];
+            println!(
+                "{{\"engine\":\"mote\",\"case\":\"{case}\",\"threads\":{threads},\"p50_ms\":{p50:.4},\"p95_ms\":{p95:.4},\"runs\":{}}}",
+                times.len()
+            );
+        }
+    }
+}

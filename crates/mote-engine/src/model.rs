@@ -1,0 +1,144 @@
+//! Opening a model from the store and building pipelines for it.
+
+use std::sync::Arc;
+
+use mote_store::{Digest, ModelInfo, Reference, Store, Task};
+
+use crate::backend::Backend;
+use crate::backend::tract::TractBackend;
+use crate::error::{EngineError, Result};
+use crate::pipeline::{ImageClassification, Pipeline, TensorPipeline, TextEmbedding};
+use crate::threads::{ThreadPool, resolve_threads};
+
+/// How to open a model.
+#[derive(Clone, Debug, Default)]
+pub struct EngineOptions {
+    /// Threads for inference (default: `MOTE_THREADS`, else physical cores).
+    pub threads: Option<usize>,
+    /// Share an existing pool instead of making one (so several models share threads).
+    pub pool: Option<ThreadPool>,
+}
+
+/// A verified model with its backend loaded.
+pub struct Model {
+    info: ModelInfo,
+    backend: Arc<dyn Backend>,
+    pool: ThreadPool,
+    tokenizer: Option<Vec<u8>>,
+    labels: Vec<String>,
+}
+
+impl Model {
+    /// Resolve `reference`, re-hash every file of the model, and load its backend.
+    pub fn open(store: &Store, reference: &Reference, options: &EngineOptions) -> Result<Model> {
+        let verified = store.open_model(reference)?;
+        let info = verified.info.clone();
+        let settings = &info.settings;
+        let pool = match &options.pool {
+            Some(p) => p.clone(),
+            None => ThreadPool::new(resolve_threads(options.threads)?),
+        };
+        let backend: Arc<dyn Backend> = match settings.format.as_str() {
+            "onnx" => Arc::new(TractBackend::load(
+                &verified.read(&settings.weights)?,
+                pool.clone(),
+            )?),
+            "safetensors" => {
+                return Err(EngineError::Unsupported(format!(
+                    "no backend for safetensors encoders yet: {} holds {} weights, and mote's native encoder backend is not built yet; import the model's ONNX export (with --tokenizer) instead",
+                    reference,
+                    info.config
+                        .config
+                        .architecture
+                        .as_deref()
+                        .unwrap_or("safetensors")
+                )));
+            }
+            "gguf" => {
+                return Err(EngineError::Unsupported(format!(
+                    "{reference} is a GGUF language model, and this build has no GGUF backend yet"
+                )));
+            }
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "{reference} has weights in format {other:?}, which no backend of this build reads"
+                )));
+            }
+        };
+        let tokenizer = match &settings.text {
+            Some(t) if settings.format != "gguf" => Some(verified.read(&t.tokenizer)?),
+            _ => None,
+        };
+        let labels = match &settings.labels {
+            Some(path) => String::from_utf8(verified.read(path)?)
+                .map_err(|_| EngineError::Model(format!("{path} is not UTF-8 text")))?
+                .lines()
+                .map(|l| l.trim().to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Model {
+            info,
+            backend,
+            pool,
+            tokenizer,
+            labels,
+        })
+    }
+
+    /// The model's manifest digest.
+    pub fn digest(&self) -> Digest {
+        self.info.digest
+    }
+
+    /// What the store knows of the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The model's own task.
+    pub fn task(&self) -> Task {
+        self.info.settings.task
+    }
+
+    /// Threads its inferences use.
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// The backend's name (for reports).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// A pipeline for the model's task, or for `task` (`tensor` works for every graph model).
+    pub fn pipeline(&self, task: Option<Task>) -> Result<Pipeline> {
+        let task = task.unwrap_or(self.task());
+        let settings = &self.info.settings;
+        match task {
+            Task::Tensor => Ok(Pipeline::Tensor(TensorPipeline::new(self.backend.clone()))),
+            Task::TextEmbedding => {
+                let (Some(text), Some(tok)) = (&settings.text, &self.tokenizer) else {
+                    return Err(EngineError::Model(
+                        "the artifact has no tokenizer; re-import it with --tokenizer".into(),
+                    ));
+                };
+                Ok(Pipeline::TextEmbedding(Box::new(TextEmbedding::new(
+                    self.backend.clone(),
+                    tok,
+                    text,
+                )?)))
+            }
+            Task::ImageClassification => {
+                Ok(Pipeline::ImageClassification(ImageClassification::new(
+                    self.backend.clone(),
+                    settings.image.clone().unwrap_or_default(),
+                    self.labels.clone(),
+                )?))
+            }
+            Task::TextClassification | Task::TextGeneration => Err(EngineError::Unsupported(
+                format!("the {task} pipeline is not built yet; `--task tensor` runs the raw graph"),
+            )),
+        }
+    }
+}

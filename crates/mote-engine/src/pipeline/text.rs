@@ -1,0 +1,273 @@
+//! `text-embedding`: tokenise, run the encoder, pool, normalise.
+//!
+//! Texts are truncated to the model's maximum length (each result says whether it was).
+//! Determinism: texts are grouped by token count and each group runs as one batch with no
+//! padding, so a text's vector never depends on which other texts share its call.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use super::Timings;
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::tensor::{DType, Tensor, TensorData};
+use mote_store::{Pooling, TextSettings};
+
+/// Longest input accepted before tokenisation, in bytes (truncation happens on tokens; this
+/// only bounds the work spent tokenising text that will be cut anyway).
+pub const MAX_TEXT_BYTES: usize = 1 << 20;
+/// Most rows sent to the backend at once.
+const MAX_ROWS_PER_RUN: usize = 32;
+
+/// One text's embedding.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Embedding {
+    /// The vector.
+    pub vector: Vec<f32>,
+    /// Tokens the model saw (after truncation, with special tokens).
+    pub tokens: usize,
+    /// True when the text was cut to the model's maximum length.
+    pub truncated: bool,
+}
+
+/// A text-embedding pipeline.
+pub struct TextEmbedding {
+    backend: Arc<dyn Backend>,
+    tokenizer: Tokenizer,
+    max_length: usize,
+    pooling: Pooling,
+    normalize: bool,
+    slots: Slots,
+}
+
+/// Which backend input takes which tokenizer output.
+#[derive(Clone, Debug)]
+struct Slots {
+    order: Vec<Slot>,
+    output: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Slot {
+    Ids,
+    Mask,
+    TypeIds,
+}
+
+impl TextEmbedding {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        tokenizer_json: &[u8],
+        settings: &TextSettings,
+    ) -> Result<TextEmbedding> {
+        let mut tokenizer = Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
+            EngineError::Model(format!("{} does not load: {e}", settings.tokenizer))
+        })?;
+        let own_max = tokenizer.get_truncation().map(|t| t.max_length);
+        let max_length = settings
+            .max_length
+            .map(|m| m as usize)
+            .or(own_max)
+            .unwrap_or(512);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| EngineError::Model(format!("cannot set truncation: {e}")))?;
+        tokenizer.with_padding(None);
+        let mut order = Vec::new();
+        for spec in backend.inputs() {
+            let slot = match spec.name.as_str() {
+                "input_ids" => Slot::Ids,
+                "attention_mask" => Slot::Mask,
+                "token_type_ids" => Slot::TypeIds,
+                other => {
+                    return Err(EngineError::Model(format!(
+                        "the encoder has an input {other:?}; a text-embedding model takes input_ids, attention_mask and optionally token_type_ids"
+                    )));
+                }
+            };
+            if spec.dtype != DType::I64 {
+                return Err(EngineError::Model(format!(
+                    "encoder input {:?} is {} but token inputs must be INT64",
+                    spec.name, spec.dtype
+                )));
+            }
+            order.push(slot);
+        }
+        if !order.contains(&Slot::Ids) {
+            return Err(EngineError::Model(
+                "the encoder has no input_ids input".into(),
+            ));
+        }
+        let output = backend
+            .outputs()
+            .iter()
+            .position(|o| o.name == "sentence_embedding")
+            .unwrap_or(0);
+        Ok(TextEmbedding {
+            backend,
+            tokenizer,
+            max_length,
+            pooling: settings.pooling.unwrap_or(Pooling::Mean),
+            normalize: settings.normalize,
+            slots: Slots { order, output },
+        })
+    }
+
+    /// Maximum tokens per text (longer texts are truncated).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Token count of a text after truncation (what an embedding call would use).
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.encode(0, text)?.get_ids().len())
+    }
+
+    fn encode(&self, i: usize, text: &str) -> Result<tokenizers::Encoding> {
+        if text.trim().is_empty() {
+            return Err(EngineError::input(format!(
+                "text {i} is empty; there is nothing to embed"
+            )));
+        }
+        if text.len() > MAX_TEXT_BYTES {
+            return Err(EngineError::input(format!(
+                "text {i} has {} bytes, more than the {MAX_TEXT_BYTES}-byte limit; split it first",
+                text.len()
+            )));
+        }
+        self.tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::input(format!("text {i} cannot be tokenised: {e}")))
+    }
+
+    /// Embed texts. Results are in input order.
+    pub fn embed(&self, texts: &[&str]) -> Result<(Vec<Embedding>, Timings)> {
+        let t0 = Instant::now();
+        let encodings = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| self.encode(i, t))
+            .collect::<Result<Vec<_>>>()?;
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, e) in encodings.iter().enumerate() {
+            groups.entry(e.get_ids().len()).or_default().push(i);
+        }
+        let mut timings = Timings {
+            preprocess: t0.elapsed(),
+            ..Default::default()
+        };
+        let mut out: Vec<Option<Embedding>> = vec![None; texts.len()];
+        for (len, members) in groups {
+            for chunk in members.chunks(MAX_ROWS_PER_RUN) {
+                let t1 = Instant::now();
+                let inputs = self.inputs(&encodings, chunk, len)?;
+                let outputs = self.backend.run(inputs)?;
+                let t2 = Instant::now();
+                timings.infer += t2 - t1;
+                let hidden = outputs.get(self.slots.output).ok_or_else(|| {
+                    EngineError::Backend(
+                        "the encoder returned fewer outputs than it declares".into(),
+                    )
+                })?;
+                for (row, vector) in self.pool(hidden, chunk.len(), len)?.into_iter().enumerate() {
+                    let idx = chunk[row];
+                    out[idx] = Some(Embedding {
+                        vector,
+                        tokens: len,
+                        truncated: !encodings[idx].get_overflowing().is_empty(),
+                    });
+                }
+                timings.postprocess += t2.elapsed();
+            }
+        }
+        Ok((
+            out.into_iter()
+                .map(|e| e.expect("every row embedded"))
+                .collect(),
+            timings,
+        ))
+    }
+
+    fn inputs(
+        &self,
+        encodings: &[tokenizers::Encoding],
+        rows: &[usize],
+        len: usize,
+    ) -> Result<Vec<Tensor>> {
+        self.slots
+            .order
+            .iter()
+            .map(|slot| {
+                let mut data = Vec::with_capacity(rows.len() * len);
+                for &r in rows {
+                    let e = &encodings[r];
+                    match slot {
+                        Slot::Ids => data.extend(e.get_ids().iter().map(|&v| v as i64)),
+                        Slot::Mask => data.extend(e.get_attention_mask().iter().map(|&v| v as i64)),
+                        Slot::TypeIds => data.extend(e.get_type_ids().iter().map(|&v| v as i64)),
+                    }
+                }
+                Tensor::new(vec![rows.len(), len], TensorData::I64(data))
+            })
+            .collect()
+    }
+
+    /// Pool `[rows, len, hidden]` (or pass through `[rows, hidden]`), then normalise.
+    fn pool(&self, hidden: &Tensor, rows: usize, len: usize) -> Result<Vec<Vec<f32>>> {
+        let values = hidden
+            .as_f32()
+            .ok_or_else(|| EngineError::Backend("the encoder output is not FP32".into()))?;
+        let shape = hidden.shape();
+        let mut vectors = match *shape {
+            [r, l, h] if r == rows && l == len => (0..rows)
+                .map(|row| {
+                    let rows_of = |t: usize| &values[(row * len + t) * h..(row * len + t + 1) * h];
+                    match self.pooling {
+                        Pooling::Cls => rows_of(0).to_vec(),
+                        Pooling::Mean => {
+                            let mut acc = vec![0f32; h];
+                            for t in 0..len {
+                                for (a, v) in acc.iter_mut().zip(rows_of(t)) {
+                                    *a += v;
+                                }
+                            }
+                            acc.iter_mut().for_each(|a| *a /= len as f32);
+                            acc
+                        }
+                        Pooling::Max => {
+                            let mut acc = vec![f32::NEG_INFINITY; h];
+                            for t in 0..len {
+                                for (a, v) in acc.iter_mut().zip(rows_of(t)) {
+                                    *a = a.max(*v);
+                                }
+                            }
+                            acc
+                        }
+                    }
+                })
+                .collect::<Vec<_>>(),
+            [r, h] if r == rows => values.chunks_exact(h).map(<[f32]>::to_vec).collect(),
+            _ => {
+                return Err(EngineError::Backend(format!(
+                    "the encoder output has shape {shape:?}; expected [{rows}, {len}, hidden] or [{rows}, hidden]"
+                )));
+            }
+        };
+        if self.normalize {
+            for v in &mut vectors {
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        Ok(vectors)
+    }
+}
