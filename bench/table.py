@@ -19,7 +19,8 @@ for (case, threads), res in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0
     line = f"{case:<18}{threads:>4}"
     for e in engines:
         r = res.get(e)
-        line += f"{(f'{r['p50_ms']:.2f} / {r['p95_ms']:.2f}' if r else '-'):>28}"
+        cell = "%.2f / %.2f" % (r["p50_ms"], r["p95_ms"]) if r else "-"
+        line += f"{cell:>28}"
     for e in others:
         if e in res and "mote" in res:
             line += f"{res[e]['p50_ms'] / res['mote']['p50_ms']:>18.2f}"

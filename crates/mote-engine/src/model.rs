@@ -36,7 +36,7 @@ impl Model {
         let settings = &info.settings;
         let pool = match &options.pool {
             Some(p) => p.clone(),
-            None => ThreadPool::new(resolve_threads(options.threads)?),
+            None => ThreadPool::new(resolve_threads(options.threads)?)?,
         };
         let backend: Arc<dyn Backend> = match settings.format.as_str() {
             "onnx" => Arc::new(TractBackend::load(

@@ -69,21 +69,25 @@ fn check(n: usize, what: &str) -> Result<usize> {
 #[derive(Clone, Debug)]
 pub struct ThreadPool {
     threads: usize,
-    executor: Arc<Executor>,
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl ThreadPool {
     /// A pool of `threads` threads (1 runs everything on the caller's thread).
-    pub fn new(threads: usize) -> ThreadPool {
-        let executor = if threads <= 1 {
-            Executor::SingleThread
+    pub fn new(threads: usize) -> Result<ThreadPool> {
+        let pool = if threads <= 1 {
+            None
         } else {
-            Executor::multithread_with_name(threads, "mote-compute")
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("mote-compute-{i}"))
+                .build()
+                .map_err(|e| {
+                    EngineError::Backend(format!("cannot start {threads} threads: {e}"))
+                })?;
+            Some(Arc::new(pool))
         };
-        ThreadPool {
-            threads,
-            executor: Arc::new(executor),
-        }
+        Ok(ThreadPool { threads, pool })
     }
 
     /// Number of threads.
@@ -91,8 +95,22 @@ impl ThreadPool {
         self.threads
     }
 
-    /// Run `f` with tract's kernels using this pool.
-    pub(crate) fn install<R>(&self, f: impl FnOnce() -> R) -> R {
-        tract_linalg::multithread::multithread_tract_scope((*self.executor).clone(), f)
+    /// Run `f` with tract's kernels spreading one computation over this pool.
+    pub(crate) fn intra_op<R>(&self, f: impl FnOnce() -> R) -> R {
+        let executor = match &self.pool {
+            Some(p) => Executor::MultiThread(p.clone()),
+            None => Executor::SingleThread,
+        };
+        tract_linalg::multithread::multithread_tract_scope(executor, f)
+    }
+
+    /// Map `f` over `items` on the pool, one item per worker at a time (each item runs
+    /// single-threaded kernels), keeping input order.
+    pub(crate) fn map<T: Send, R: Send>(&self, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+        use rayon::prelude::*;
+        match &self.pool {
+            Some(p) => p.install(|| items.into_par_iter().map(&f).collect()),
+            None => items.into_iter().map(f).collect(),
+        }
     }
 }

@@ -361,3 +361,32 @@ fn images_are_classified_and_bad_images_refused() {
     let e = p.classify(&[b"hello".to_vec()]).unwrap_err().to_string();
     assert!(e.contains("not a PNG or JPEG"), "{e}");
 }
+
+#[test]
+fn image_rows_are_bit_identical_alone_and_in_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let r = import(
+        &s,
+        &shared_models().join("mobilenetv2.onnx"),
+        "net",
+        ImportOptions::default(),
+    );
+    let batch = ref_tensor("bench_mobilenet_b16.npy");
+    let run = |threads: usize, t: Tensor| {
+        let model = open(&s, &r, threads);
+        let Pipeline::Tensor(p) = model.pipeline(None).unwrap() else {
+            panic!()
+        };
+        p.run(vec![(String::new(), t)]).unwrap().0.remove(0).1
+    };
+    let all = run(2, batch.clone());
+    for (threads, row) in [(1, 5), (2, 5), (2, 15)] {
+        let alone = run(threads, batch.rows(row, 1).unwrap());
+        assert_eq!(
+            alone,
+            all.rows(row, 1).unwrap(),
+            "row {row} with {threads} threads"
+        );
+    }
+}

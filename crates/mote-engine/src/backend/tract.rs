@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use super::{Backend, TensorSpec};
 use crate::error::{EngineError, Result};
@@ -14,9 +15,13 @@ type Plan = Arc<TypedRunnableModel>;
 
 /// An optimised ONNX graph ready to run.
 ///
-/// tract cannot type every graph with two symbolic input dimensions (MiniLM's batch and
-/// sequence give a "square of symbols"). Such graphs are planned with batch 1 and run one
-/// row at a time: rows are then independent of each other by construction.
+/// Graphs whose inputs all start with a batch dimension are planned for batch 1 and run one
+/// row at a time. That makes a row's output independent of its batch-mates by construction
+/// (the determinism contract), lets tract plan with every other dimension concrete where
+/// the model fixes them (a CNN runs several times faster than with a symbolic batch), and
+/// sidesteps graphs tract cannot type with two symbolic dimensions (MiniLM's batch and
+/// sequence). Several rows run in parallel, one per thread; a single row spreads over the
+/// pool instead.
 pub struct TractBackend {
     plan: Plan,
     per_row: bool,
@@ -53,49 +58,61 @@ fn spec(name: String, fact: &TypedFact) -> Result<TensorSpec> {
     Ok(TensorSpec { name, dtype, shape })
 }
 
+fn bad(stage: &str, e: TractError) -> EngineError {
+    EngineError::Model(format!("the ONNX graph cannot be {stage}: {e:#}"))
+}
+
+/// True when every input's first dimension is a symbol (or 1): a batch axis.
+fn has_batch_axis(model: &InferenceModel) -> Result<bool> {
+    let n = model
+        .input_outlets()
+        .map_err(|e| bad("inspected", e))?
+        .len();
+    for i in 0..n {
+        let fact = model.input_fact(i).map_err(|e| bad("inspected", e))?;
+        let first = fact.shape.dims().next().and_then(|d| d.concretize());
+        match first {
+            Some(d) if d.to_i64().is_ok_and(|v| v != 1) => return Ok(false),
+            None if fact.shape.rank().concretize() == Some(0) => return Ok(false),
+            _ => {}
+        }
+    }
+    Ok(n > 0)
+}
+
 impl TractBackend {
     /// Parse, type-check and optimise an ONNX model.
     pub fn load(onnx: &[u8], pool: ThreadPool) -> Result<TractBackend> {
-        let bad = |stage: &str, e: TractError| {
-            EngineError::Model(format!("the ONNX graph cannot be {stage}: {e:#}"))
-        };
         let model = tract_onnx::onnx()
             .model_for_read(&mut &onnx[..])
             .map_err(|e| bad("read", e))?;
-        let (typed, per_row) = match model.into_optimized() {
-            Ok(typed) => (typed, false),
-            Err(first) => {
-                // Intermediate shape annotations name the batch symbol too: drop them.
-                let mut fixed = tract_onnx::onnx()
-                    .with_ignore_value_info(true)
-                    .with_ignore_output_shapes(true)
-                    .model_for_read(&mut &onnx[..])
-                    .map_err(|e| bad("read", e))?;
-                let n = fixed
-                    .input_outlets()
+        let per_row = has_batch_axis(&model)?;
+        let typed = if per_row {
+            // Intermediate shape annotations name the batch symbol too: let tract infer them.
+            let mut fixed = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .with_ignore_output_shapes(true)
+                .model_for_read(&mut &onnx[..])
+                .map_err(|e| bad("read", e))?;
+            let n = fixed
+                .input_outlets()
+                .map_err(|e| bad("inspected", e))?
+                .len();
+            for i in 0..n {
+                let mut fact = fixed
+                    .input_fact(i)
                     .map_err(|e| bad("inspected", e))?
-                    .len();
-                for i in 0..n {
-                    let mut fact = fixed
-                        .input_fact(i)
-                        .map_err(|e| bad("inspected", e))?
-                        .clone();
-                    fact.shape.set_dim(0, 1.to_dim());
-                    fixed = fixed
-                        .with_input_fact(i, fact)
-                        .map_err(|e| bad("inspected", e))?;
-                }
-                match fixed.into_optimized() {
-                    Ok(typed) => (typed, true),
-                    Err(second) => {
-                        return Err(EngineError::Model(format!(
-                            "the ONNX graph cannot be optimised: {first:#}; with batch 1: {second:#}"
-                        )));
-                    }
-                }
+                    .clone();
+                fact.shape.set_dim(0, 1.to_dim());
+                fixed = fixed
+                    .with_input_fact(i, fact)
+                    .map_err(|e| bad("inspected", e))?;
             }
+            fixed.into_optimized().map_err(|e| bad("optimised", e))?
+        } else {
+            model.into_optimized().map_err(|e| bad("optimised", e))?
         };
-        let inputs = typed
+        let mut inputs = typed
             .input_outlets()
             .map_err(|e| bad("inspected", e))?
             .iter()
@@ -107,11 +124,7 @@ impl TractBackend {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut inputs = inputs;
-        if per_row {
-            inputs.iter_mut().for_each(|s| s.shape[0] = None);
-        }
-        let outputs = typed
+        let mut outputs = typed
             .output_outlets()
             .map_err(|e| bad("inspected", e))?
             .iter()
@@ -127,12 +140,12 @@ impl TractBackend {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut outputs = outputs;
         if per_row {
-            outputs
-                .iter_mut()
-                .filter(|s| !s.shape.is_empty())
-                .for_each(|s| s.shape[0] = None);
+            for s in inputs.iter_mut().chain(outputs.iter_mut()) {
+                if let Some(first) = s.shape.first_mut() {
+                    *first = None;
+                }
+            }
         }
         let plan = typed.into_runnable().map_err(|e| bad("planned", e))?;
         Ok(TractBackend {
@@ -253,7 +266,7 @@ impl Backend for TractBackend {
         if self.per_row {
             return self.run_rows(inputs);
         }
-        self.run_once(inputs)
+        self.pool.intra_op(|| self.run_once(inputs))
     }
 }
 
@@ -269,15 +282,20 @@ impl TractBackend {
             ));
         }
         if rows == 1 {
-            return self.run_once(inputs);
+            return self.pool.intra_op(|| self.run_once(inputs));
         }
+        let split = (0..rows)
+            .map(|r| {
+                inputs
+                    .iter()
+                    .map(|t| t.rows(r, 1))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let results = self.pool.map(split, |row| self.run_once(row));
         let mut per_output: Vec<Vec<MoteTensor>> = Vec::new();
-        for r in 0..rows {
-            let row = inputs
-                .iter()
-                .map(|t| t.rows(r, 1))
-                .collect::<Result<Vec<_>>>()?;
-            for (i, out) in self.run_once(row)?.into_iter().enumerate() {
+        for outputs in results {
+            for (i, out) in outputs?.into_iter().enumerate() {
                 if per_output.len() <= i {
                     per_output.push(Vec::with_capacity(rows));
                 }
@@ -296,8 +314,8 @@ impl TractBackend {
             .map(to_tract)
             .collect::<Result<TVec<_>>>()?;
         let outputs = self
-            .pool
-            .install(|| self.plan.run(values))
+            .plan
+            .run(values)
             .map_err(|e| EngineError::Backend(format!("{e:#}")))?;
         outputs.iter().map(|t| from_tract(t)).collect()
     }
