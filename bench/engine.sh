@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Engine latency: MiniLM b1 s16, b1 s128, b32 s128 and MobileNetV2 b1, b16 at 1 and 2 threads,
+# Engine latency: MiniLM b1 s16, b1 s128, b32 s128 (ONNX through tract, and the native
+# encoder from safetensors as minilm_native_*) and MobileNetV2 b1, b16 at 1 and 2 threads,
 # for mote and (when bench/.venv exists, see bench/setup.sh) onnxruntime and OpenVINO on the
 # same inputs in the same run. Prints p50/p95 per engine and the ratios to mote.
 # Run nothing else meanwhile: the machine has 2 cores.
@@ -8,7 +9,8 @@ cd "$(dirname "$0")/.."
 shared="${MOTE_SHARED_MODELS:-$(cd .. && pwd)/shared/models}"
 out=$(mktemp -d)
 cargo build --release --locked -p mote-engine --example bench_engine
-target/release/examples/bench_engine "$shared" | tee "$out/results.jsonl"
+models="${MOTE_MODELS_DIR:-$HOME/.cache/mote/models}"
+target/release/examples/bench_engine "$shared" "$models/all-MiniLM-L6-v2" | tee "$out/results.jsonl"
 if [ -x bench/.venv/bin/python ]; then
   bench/.venv/bin/python bench/engine_anchors.py "$shared" | tee -a "$out/results.jsonl"
 else

@@ -5,6 +5,10 @@ import sys
 from collections import defaultdict
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+# The native encoder runs the same MiniLM inputs: compare it with the anchors' MiniLM rows.
+for r in list(rows):
+    if r["engine"] != "mote" and r["case"].startswith("minilm_"):
+        rows.append(dict(r, case=r["case"].replace("minilm_", "minilm_native_")))
 by = defaultdict(dict)
 engines = []
 for r in rows:

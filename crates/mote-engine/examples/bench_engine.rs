@@ -33,8 +33,9 @@ fn main() {
     let shared = PathBuf::from(
         std::env::args()
             .nth(1)
-            .expect("usage: bench_engine SHARED_MODELS_DIR"),
+            .expect("usage: bench_engine SHARED_MODELS_DIR [MINILM_SAFETENSORS_DIR]"),
     );
+    let native_dir = std::env::args().nth(2).map(PathBuf::from);
     let refdir = shared.join("ref");
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("store")).unwrap();
@@ -46,6 +47,15 @@ fn main() {
             .import(
                 &shared.join(file),
                 Some(&name.parse().unwrap()),
+                &ImportOptions::default(),
+            )
+            .unwrap();
+    }
+    if let Some(dir) = &native_dir {
+        store
+            .import(
+                dir,
+                Some(&"minilm-native".parse().unwrap()),
                 &ImportOptions::default(),
             )
             .unwrap();
@@ -62,7 +72,7 @@ fn main() {
             .collect()
     };
     let images = load(&refdir.join("bench_mobilenet_b16.npy"));
-    let cases: Vec<(&str, &str, Inputs)> = vec![
+    let mut cases: Vec<(&str, &str, Inputs)> = vec![
         ("minilm_b1_s16", "minilm", minilm(1, 16)),
         ("minilm_b1_s128", "minilm", minilm(1, 128)),
         ("minilm_b32_s128", "minilm", minilm(32, 128)),
@@ -77,6 +87,13 @@ fn main() {
             vec![(String::new(), images.clone())],
         ),
     ];
+    if native_dir.is_some() {
+        cases.extend([
+            ("minilm_native_b1_s16", "minilm-native", minilm(1, 16)),
+            ("minilm_native_b1_s128", "minilm-native", minilm(1, 128)),
+            ("minilm_native_b32_s128", "minilm-native", minilm(32, 128)),
+        ]);
+    }
     for threads in [1, 2] {
         for (case, model, inputs) in &cases {
             let m = Model::open(

@@ -10,6 +10,7 @@
 pub mod backend;
 mod error;
 mod model;
+pub mod native;
 pub mod npy;
 pub mod pipeline;
 pub mod tensor;

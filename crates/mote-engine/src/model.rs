@@ -43,17 +43,23 @@ impl Model {
                 &verified.read(&settings.weights)?,
                 pool.clone(),
             )?),
-            "safetensors" => {
-                return Err(EngineError::Unsupported(format!(
-                    "no backend for safetensors encoders yet: {} holds {} weights, and mote's native encoder backend is not built yet; import the model's ONNX export (with --tokenizer) instead",
-                    reference,
-                    info.config
-                        .config
-                        .architecture
-                        .as_deref()
-                        .unwrap_or("safetensors")
-                )));
-            }
+            "safetensors" => Arc::new(
+                crate::native::bert::Bert::load(
+                    &verified.read("config.json").map_err(|_| {
+                        EngineError::Model(
+                            "the artifact has no config.json; re-import the model directory".into(),
+                        )
+                    })?,
+                    &verified.read(&settings.weights)?,
+                    pool.clone(),
+                )
+                .map_err(|e| match e {
+                    EngineError::Unsupported(m) => {
+                        EngineError::Unsupported(format!("{reference}: {m}"))
+                    }
+                    e => e,
+                })?,
+            ),
             "gguf" => {
                 return Err(EngineError::Unsupported(format!(
                     "{reference} is a GGUF language model, and this build has no GGUF backend yet"

@@ -104,6 +104,28 @@ impl ThreadPool {
         tract_linalg::multithread::multithread_tract_scope(executor, f)
     }
 
+    /// Call `f(index, chunk)` for every `chunk`-sized piece of `data`, in parallel on the
+    /// pool. Each piece is written by exactly one call.
+    pub(crate) fn for_each_chunk<T: Send>(
+        &self,
+        data: &mut [T],
+        chunk: usize,
+        f: impl Fn(usize, &mut [T]) + Sync + Send,
+    ) {
+        use rayon::prelude::*;
+        match &self.pool {
+            Some(p) => p.install(|| {
+                data.par_chunks_mut(chunk)
+                    .enumerate()
+                    .for_each(|(i, c)| f(i, c))
+            }),
+            None => data
+                .chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(i, c)| f(i, c)),
+        }
+    }
+
     /// Map `f` over `items` on the pool, one item per worker at a time (each item runs
     /// single-threaded kernels), keeping input order.
     pub(crate) fn map<T: Send, R: Send>(&self, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {

@@ -117,18 +117,54 @@ fn minilm_onnx_matches_pytorch_embeddings_and_hidden_states() {
 }
 
 #[test]
-fn the_safetensors_minilm_is_refused_until_the_native_encoder_lands() {
+fn the_safetensors_minilm_runs_natively_and_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let r = import(&s, &minilm_dir(), "minilm", ImportOptions::default());
-    let err = Model::open(&s, &r, &EngineOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("no backend for safetensors encoders yet"),
-        "{err}"
-    );
+    let one = open(&s, &r, 1);
+    let two = open(&s, &r, 2);
+    assert_eq!(one.backend_name(), "native");
+    let texts = sentences();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let (emb, _) = embedder(&two).embed(&refs).unwrap();
+    let expected = ref_tensor("minilm_embeddings.npy");
+    let expected = expected.as_f32().unwrap();
+    for (i, e) in emb.iter().enumerate() {
+        let c = cosine(&e.vector, &expected[i * 384..(i + 1) * 384]);
+        println!("native fp32 sentence {i}: cosine {c:.8}");
+        assert!(c >= 0.99999, "sentence {i}: cosine {c}");
+    }
+    // Hidden states on the reference's padded inputs (the mask hides the padding).
+    let Pipeline::Tensor(t) = two.pipeline(Some(Task::Tensor)).unwrap() else {
+        unreachable!()
+    };
+    let inputs = ["input_ids", "attention_mask", "token_type_ids"]
+        .map(|n| (n.to_string(), ref_tensor(&format!("minilm_{n}.npy"))))
+        .to_vec();
+    let (out, _) = t.run(inputs).unwrap();
+    let hidden = out[0].1.as_f32().unwrap();
+    let want = ref_tensor("minilm_last_hidden_state.npy");
+    let TensorData::I64(mask) = ref_tensor("minilm_attention_mask.npy").into_data() else {
+        panic!()
+    };
+    let mut max_diff = 0f32;
+    for (pos, &m) in mask.iter().enumerate() {
+        if m == 1 {
+            for h in 0..384 {
+                max_diff = max_diff
+                    .max((hidden[pos * 384 + h] - want.as_f32().unwrap()[pos * 384 + h]).abs());
+            }
+        }
+    }
+    println!("native last_hidden_state max abs diff on valid tokens: {max_diff:e}");
+    assert!(max_diff <= 1e-4, "{max_diff}");
+    // Bit-identical alone, in a batch, and across thread counts.
+    let mut batch: Vec<&str> = refs.clone();
+    batch.extend(["Another sentence.", "And one more to make it seven."]);
+    let (alone, _) = embedder(&one).embed(&refs[1..2]).unwrap();
+    let (in_batch, _) = embedder(&two).embed(&batch).unwrap();
+    assert_eq!(alone[0].vector, in_batch[1].vector);
+    assert_eq!(alone[0].vector, emb[1].vector);
 }
 
 #[test]

@@ -137,15 +137,38 @@ fn run_reports_bad_inputs_clearly() {
         1,
     );
     assert!(stderr(&out).contains("between 1 and"), "{}", stderr(&out));
+}
 
-    import(&store, &minilm_dir(), "minilm-st", &[]);
-    let out = fails(
-        mote(&store).args(["run", "minilm-st", "--text", "hello"]),
-        1,
+#[test]
+fn native_encoder_gives_the_same_bits_on_every_isa_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    import(&store, &minilm_dir(), "minilm", &[]);
+    let vector = |isa: &str, threads: &str| -> Vec<u32> {
+        let out: serde_json::Value =
+            serde_json::from_str(&ok(mote(&store).env("MOTE_ISA", isa).args([
+                "run",
+                "minilm",
+                "--json",
+                "--threads",
+                threads,
+                "--text",
+                "Rust is a systems programming language focused on safety and speed.",
+            ])))
+            .unwrap();
+        assert_eq!(out["model"]["backend"], "native");
+        out["results"][0]["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v.as_f64().unwrap() as f32).to_bits())
+            .collect()
+    };
+    let best = vector("", "2");
+    assert_eq!(
+        best,
+        vector("scalar", "1"),
+        "scalar and the best ISA differ"
     );
-    assert!(
-        stderr(&out).contains("no backend for safetensors encoders yet"),
-        "{}",
-        stderr(&out)
-    );
+    assert_eq!(best, vector("avx2", "1"));
 }

@@ -1,0 +1,364 @@
+//! Numeric kernels of the native backends, with runtime CPU dispatch.
+//!
+//! Determinism by construction: every dot product uses one canonical accumulation order on
+//! every ISA path — eight partial sums (lane `i` takes elements `k ≡ i mod 8`, fused
+//! multiply-add), reduced as `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, then the tail in
+//! order. The scalar reference computes exactly that, so forced ISA levels give identical
+//! bits. Work is split across threads by output element, never along the summed dimension.
+
+use std::sync::OnceLock;
+
+/// Instruction-set levels the kernels can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust, the reference.
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+}
+
+/// Environment variable forcing an ISA level (`scalar`, `avx2`); for tests and benchmarks.
+pub const MOTE_ISA: &str = "MOTE_ISA";
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// The level in use: `MOTE_ISA` if set (capped at what the CPU has), else the best available.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect();
+        match std::env::var(MOTE_ISA).as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") | Ok("avx512") | Ok("avx512vnni") => best.min(Isa::Avx2),
+            _ => best,
+        }
+    })
+}
+
+/// Canonical-order dot product, scalar reference.
+pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] = a[c * 8 + l].mul_add(b[c * 8 + l], acc[l]);
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for k in chunks * 8..a.len() {
+        sum = a[k].mul_add(b[k], sum);
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Reduce eight lanes in the canonical order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce(v: __m256) -> f32 {
+        // lanes: lo = l0..l3, hi = l4..l7; s = (l0+l4, l1+l5, l2+l6, l3+l7)
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        // t = (s0+s2, s1+s3, ..)
+        let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        // (s0+s2) + (s1+s3)
+        _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<0b01>(t, t)))
+    }
+
+    /// Dot products of `x` with four rows of `w` at once, each in the canonical order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x` and every `w[i]` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
+        let n = x.len();
+        let chunks = n / 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= n, and every w[i] has length n (caller's contract).
+            unsafe {
+                let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
+                for i in 0..4 {
+                    let wv = _mm256_loadu_ps(w[i].as_ptr().add(c * 8));
+                    acc[i] = _mm256_fmadd_ps(xv, wv, acc[i]);
+                }
+            }
+        }
+        let mut out = [0f32; 4];
+        for i in 0..4 {
+            let mut sum = reduce(acc[i]);
+            for k in chunks * 8..n {
+                sum = x[k].mul_add(w[i][k], sum);
+            }
+            out[i] = sum;
+        }
+        out
+    }
+
+    /// A 3x4 tile: dot products of three rows of `x` with four rows of `w`, each in the
+    /// canonical order (the same bits as [`super::dot_scalar`] of that pair).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; every slice must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile3x4(x: [&[f32]; 3], w: [&[f32]; 4]) -> [[f32; 4]; 3] {
+        let n = x[0].len();
+        let chunks = n / 8;
+        let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= n, and every slice has length n (caller's contract).
+            unsafe {
+                let xv = [0, 1, 2].map(|r| _mm256_loadu_ps(x[r].as_ptr().add(c * 8)));
+                for j in 0..4 {
+                    let wv = _mm256_loadu_ps(w[j].as_ptr().add(c * 8));
+                    for r in 0..3 {
+                        acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; 4]; 3];
+        for r in 0..3 {
+            for j in 0..4 {
+                let mut sum = reduce(acc[r][j]);
+                for k in chunks * 8..n {
+                    sum = x[r][k].mul_add(w[j][k], sum);
+                }
+                out[r][j] = sum;
+            }
+        }
+        out
+    }
+
+    /// One canonical-order dot product.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `a` and `b` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let chunks = n / 8;
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..chunks {
+            // SAFETY: c * 8 + 8 <= n == b.len().
+            unsafe {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(c * 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(c * 8)),
+                    acc,
+                );
+            }
+        }
+        let mut sum = reduce(acc);
+        for k in chunks * 8..n {
+            sum = a[k].mul_add(b[k], sum);
+        }
+        sum
+    }
+}
+
+/// Canonical-order dot product on the selected ISA.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot of unequal lengths");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked above.
+        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        _ => dot_scalar(a, b),
+    }
+}
+
+/// `out[r][j] = bias[j] + dot(x[r], w[j])` for `x: [rows, k]`, `w: [n, k]` (PyTorch's
+/// `[out, in]` layout), `out: [rows, n]`. Splits rows across `pool` threads.
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+    out: &mut [f32],
+    pool: &crate::threads::ThreadPool,
+) {
+    let n = bias.len();
+    assert_eq!(w.len(), n * k, "weight shape");
+    assert_eq!(x.len() % k, 0, "input shape");
+    let rows = x.len() / k;
+    assert_eq!(out.len(), rows * n, "output shape");
+    let isa = isa();
+    // Tiles of ROWS output rows: each output element is computed by one task, in the
+    // canonical order, whatever the tiling, thread count or ISA.
+    const ROWS: usize = 3;
+    pool.for_each_chunk(out, ROWS * n, |t, out_rows| {
+        let r0 = t * ROWS;
+        let nr = out_rows.len() / n;
+        let mut j = 0;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            let xs: Vec<&[f32]> = (0..nr)
+                .map(|r| &x[(r0 + r) * k..(r0 + r + 1) * k])
+                .collect();
+            while j + 4 <= n {
+                let ws = [0, 1, 2, 3].map(|i| &w[(j + i) * k..(j + i + 1) * k]);
+                if nr == ROWS {
+                    // SAFETY: Avx2 is selected only when the CPU has AVX2 and FMA; all slices are k long.
+                    let d = unsafe { avx2::tile3x4([xs[0], xs[1], xs[2]], ws) };
+                    for r in 0..ROWS {
+                        for i in 0..4 {
+                            out_rows[r * n + j + i] = d[r][i] + bias[j + i];
+                        }
+                    }
+                } else {
+                    for (r, xr) in xs.iter().enumerate() {
+                        // SAFETY: as above.
+                        let d = unsafe { avx2::dot4(xr, ws) };
+                        for i in 0..4 {
+                            out_rows[r * n + j + i] = d[i] + bias[j + i];
+                        }
+                    }
+                }
+                j += 4;
+            }
+        }
+        for r in 0..nr {
+            let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
+            for jj in j..n {
+                let wr = &w[jj * k..(jj + 1) * k];
+                out_rows[r * n + jj] = dot(xr, wr) + bias[jj];
+            }
+        }
+    });
+}
+
+/// LayerNorm over rows of `width`, in place: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let width = gamma.len();
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = ((*v as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+        }
+    }
+}
+
+/// The error function, |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), in f64.
+pub fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * poly.exp();
+    if x >= 0.0 { 1.0 - erfc } else { erfc - 1.0 }
+}
+
+/// GELU with the exact (erf) form, in place.
+pub fn gelu(x: &mut [f32]) {
+    for v in x {
+        let f = *v as f64;
+        *v = (0.5 * f * (1.0 + erf(f / std::f64::consts::SQRT_2))) as f32;
+    }
+}
+
+/// Softmax of one row, in place (max-subtracted, summed in order).
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn vecs() -> impl Strategy<Value = (Vec<f32>, Vec<Vec<f32>>)> {
+        (1usize..80).prop_flat_map(|n| {
+            (
+                proptest::collection::vec(-4f32..4f32, n),
+                proptest::collection::vec(proptest::collection::vec(-4f32..4f32, n), 4),
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn simd_dot_is_bit_identical_to_the_scalar_reference((x, w) in vecs()) {
+            for row in &w {
+                prop_assert_eq!(dot(&x, row).to_bits(), dot_scalar(&x, row).to_bits());
+            }
+            #[cfg(target_arch = "x86_64")]
+            if detect() == Isa::Avx2 {
+                // SAFETY: AVX2+FMA detected; all rows have x's length.
+                let d4 = unsafe { avx2::dot4(&x, [&w[0], &w[1], &w[2], &w[3]]) };
+                for i in 0..4 {
+                    prop_assert_eq!(d4[i].to_bits(), dot_scalar(&x, &w[i]).to_bits());
+                }
+                // SAFETY: as above; the tile's x rows are w rows, all of x's length.
+                let t = unsafe { avx2::tile3x4([&w[1], &x, &w[3]], [&w[0], &w[1], &w[2], &w[3]]) };
+                for (r, xr) in [&w[1], &x, &w[3]].iter().enumerate() {
+                    for i in 0..4 {
+                        prop_assert_eq!(t[r][i].to_bits(), dot_scalar(xr, &w[i]).to_bits());
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn linear_is_identical_across_thread_counts(
+            rows in 1usize..9, k in 1usize..40, n in 1usize..11, seed in any::<u32>()
+        ) {
+            let mut s = seed as u64 | 1;
+            let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5 };
+            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let mut one = vec![0f32; rows * n];
+            let mut two = vec![0f32; rows * n];
+            linear(&x, &w, &b, k, &mut one, &crate::threads::ThreadPool::new(1).unwrap());
+            linear(&x, &w, &b, k, &mut two, &crate::threads::ThreadPool::new(2).unwrap());
+            prop_assert_eq!(&one, &two);
+            for r in 0..rows {
+                for j in 0..n {
+                    let want = dot_scalar(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]) + b[j];
+                    prop_assert_eq!(one[r * n + j].to_bits(), want.to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_8),
+            (1.0, 0.842_700_792_9),
+            (-2.0, -0.995_322_265_0),
+            (3.0, 0.999_977_909_5),
+        ] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
+        }
+    }
+}

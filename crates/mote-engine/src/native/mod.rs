@@ -1,0 +1,4 @@
+//! mote's own backends and kernels: where the engine must lead on speed and determinism.
+
+pub mod bert;
+pub mod kernels;
