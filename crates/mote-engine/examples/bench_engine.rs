@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mote_engine::{EngineOptions, Model, Pipeline, Tensor, npy};
-use mote_store::{ImportOptions, Store};
+use mote_store::{ImportOptions, Store, Task};
 
 /// Named inputs of one case.
 type Inputs = Vec<(String, Tensor)>;
@@ -105,7 +105,7 @@ fn main() {
                 },
             )
             .unwrap();
-            let Pipeline::Tensor(p) = m.pipeline(None).unwrap() else {
+            let Pipeline::Tensor(p) = m.pipeline(Some(Task::Tensor)).unwrap() else {
                 unreachable!()
             };
             let run = || p.run(inputs.clone()).unwrap();

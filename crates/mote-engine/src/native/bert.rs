@@ -11,7 +11,7 @@
 use mote_store::formats::safetensors::Header;
 use serde::Deserialize;
 
-use super::kernels::{dot, gelu, layer_norm, linear, softmax};
+use super::kernels::{axpy, dot, gelu, layer_norm, linear, softmax};
 use crate::backend::{Backend, TensorSpec};
 use crate::error::{EngineError, Result};
 use crate::tensor::{DType, Tensor, TensorData};
@@ -314,10 +314,7 @@ impl Bert {
                     o.iter_mut().for_each(|v| *v = 0.0);
                     for (j, &p) in scores.iter().enumerate() {
                         if keep[j] {
-                            let vj = &vr[j * h + head * hd..j * h + (head + 1) * hd];
-                            for (a, b) in o.iter_mut().zip(vj) {
-                                *a = p.mul_add(*b, *a);
-                            }
+                            axpy(p, &vr[j * h + head * hd..j * h + (head + 1) * hd], o);
                         }
                     }
                 }

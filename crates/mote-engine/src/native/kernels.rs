@@ -76,36 +76,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<0b01>(t, t)))
     }
 
-    /// Dot products of `x` with four rows of `w` at once, each in the canonical order.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `x` and every `w[i]` must have the same length.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4(x: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.len();
-        let chunks = n / 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for c in 0..chunks {
-            // SAFETY: c * 8 + 8 <= n, and every w[i] has length n (caller's contract).
-            unsafe {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
-                for i in 0..4 {
-                    let wv = _mm256_loadu_ps(w[i].as_ptr().add(c * 8));
-                    acc[i] = _mm256_fmadd_ps(xv, wv, acc[i]);
-                }
-            }
-        }
-        let mut out = [0f32; 4];
-        for i in 0..4 {
-            let mut sum = reduce(acc[i]);
-            for k in chunks * 8..n {
-                sum = x[k].mul_add(w[i][k], sum);
-            }
-            out[i] = sum;
-        }
-        out
-    }
-
     /// A 3x4 tile: dot products of three rows of `x` with four rows of `w`, each in the
     /// canonical order (the same bits as [`super::dot_scalar`] of that pair).
     ///
@@ -115,19 +85,42 @@ mod avx2 {
     pub unsafe fn tile3x4(x: [&[f32]; 3], w: [&[f32]; 4]) -> [[f32; 4]; 3] {
         let n = x[0].len();
         let chunks = n / 8;
-        let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+        let (x0, x1, x2) = (x[0].as_ptr(), x[1].as_ptr(), x[2].as_ptr());
+        let (w0, w1, w2, w3) = (w[0].as_ptr(), w[1].as_ptr(), w[2].as_ptr(), w[3].as_ptr());
+        let z = _mm256_setzero_ps();
+        let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
+        let (mut a10, mut a11, mut a12, mut a13) = (z, z, z, z);
+        let (mut a20, mut a21, mut a22, mut a23) = (z, z, z, z);
         for c in 0..chunks {
-            // SAFETY: c * 8 + 8 <= n, and every slice has length n (caller's contract).
+            let o = c * 8;
+            // SAFETY: o + 8 <= n, and every slice has length n (caller's contract).
             unsafe {
-                let xv = [0, 1, 2].map(|r| _mm256_loadu_ps(x[r].as_ptr().add(c * 8)));
-                for j in 0..4 {
-                    let wv = _mm256_loadu_ps(w[j].as_ptr().add(c * 8));
-                    for r in 0..3 {
-                        acc[r][j] = _mm256_fmadd_ps(xv[r], wv, acc[r][j]);
-                    }
-                }
+                let v0 = _mm256_loadu_ps(x0.add(o));
+                let v1 = _mm256_loadu_ps(x1.add(o));
+                let v2 = _mm256_loadu_ps(x2.add(o));
+                let u = _mm256_loadu_ps(w0.add(o));
+                a00 = _mm256_fmadd_ps(v0, u, a00);
+                a10 = _mm256_fmadd_ps(v1, u, a10);
+                a20 = _mm256_fmadd_ps(v2, u, a20);
+                let u = _mm256_loadu_ps(w1.add(o));
+                a01 = _mm256_fmadd_ps(v0, u, a01);
+                a11 = _mm256_fmadd_ps(v1, u, a11);
+                a21 = _mm256_fmadd_ps(v2, u, a21);
+                let u = _mm256_loadu_ps(w2.add(o));
+                a02 = _mm256_fmadd_ps(v0, u, a02);
+                a12 = _mm256_fmadd_ps(v1, u, a12);
+                a22 = _mm256_fmadd_ps(v2, u, a22);
+                let u = _mm256_loadu_ps(w3.add(o));
+                a03 = _mm256_fmadd_ps(v0, u, a03);
+                a13 = _mm256_fmadd_ps(v1, u, a13);
+                a23 = _mm256_fmadd_ps(v2, u, a23);
             }
         }
+        let acc = [
+            [a00, a01, a02, a03],
+            [a10, a11, a12, a13],
+            [a20, a21, a22, a23],
+        ];
         let mut out = [[0f32; 4]; 3];
         for r in 0..3 {
             for j in 0..4 {
@@ -139,6 +132,32 @@ mod avx2 {
             }
         }
         out
+    }
+
+    /// `y[i] = fma(a, x[i], y[i])` for every `i`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x` and `y` must have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let chunks = n / 8;
+        let av = _mm256_set1_ps(a);
+        for c in 0..chunks {
+            let o = c * 8;
+            // SAFETY: o + 8 <= n == y.len().
+            unsafe {
+                let r = _mm256_fmadd_ps(
+                    av,
+                    _mm256_loadu_ps(x.as_ptr().add(o)),
+                    _mm256_loadu_ps(y.as_ptr().add(o)),
+                );
+                _mm256_storeu_ps(y.as_mut_ptr().add(o), r);
+            }
+        }
+        for i in chunks * 8..n {
+            y[i] = a.mul_add(x[i], y[i]);
+        }
     }
 
     /// One canonical-order dot product.
@@ -180,6 +199,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// `y[i] = fma(a, x[i], y[i])`, scalar reference.
+pub fn axpy_scalar(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = a.mul_add(*xi, *yi);
+    }
+}
+
+/// `y[i] = fma(a, x[i], y[i])` on the selected ISA (each element's arithmetic is the same
+/// on every path).
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy of unequal lengths");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked above.
+        Isa::Avx2 => unsafe { avx2::axpy(a, x, y) },
+        _ => axpy_scalar(a, x, y),
+    }
+}
+
 /// `out[r][j] = bias[j] + dot(x[r], w[j])` for `x: [rows, k]`, `w: [n, k]` (PyTorch's
 /// `[out, in]` layout), `out: [rows, n]`. Splits rows across `pool` threads.
 pub fn linear(
@@ -195,49 +234,68 @@ pub fn linear(
     assert_eq!(x.len() % k, 0, "input shape");
     let rows = x.len() / k;
     assert_eq!(out.len(), rows * n, "output shape");
-    let isa = isa();
-    // Tiles of ROWS output rows: each output element is computed by one task, in the
-    // canonical order, whatever the tiling, thread count or ISA.
-    const ROWS: usize = 3;
-    pool.for_each_chunk(out, ROWS * n, |t, out_rows| {
-        let r0 = t * ROWS;
-        let nr = out_rows.len() / n;
-        let mut j = 0;
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            let xs: Vec<&[f32]> = (0..nr)
-                .map(|r| &x[(r0 + r) * k..(r0 + r + 1) * k])
-                .collect();
-            while j + 4 <= n {
-                let ws = [0, 1, 2, 3].map(|i| &w[(j + i) * k..(j + i + 1) * k]);
-                if nr == ROWS {
-                    // SAFETY: Avx2 is selected only when the CPU has AVX2 and FMA; all slices are k long.
-                    let d = unsafe { avx2::tile3x4([xs[0], xs[1], xs[2]], ws) };
-                    for r in 0..ROWS {
-                        for i in 0..4 {
-                            out_rows[r * n + j + i] = d[r][i] + bias[j + i];
-                        }
-                    }
-                } else {
-                    for (r, xr) in xs.iter().enumerate() {
-                        // SAFETY: as above.
-                        let d = unsafe { avx2::dot4(xr, ws) };
-                        for i in 0..4 {
-                            out_rows[r * n + j + i] = d[i] + bias[j + i];
-                        }
-                    }
-                }
-                j += 4;
-            }
-        }
-        for r in 0..nr {
-            let xr = &x[(r0 + r) * k..(r0 + r + 1) * k];
-            for jj in j..n {
-                let wr = &w[jj * k..(jj + 1) * k];
-                out_rows[r * n + jj] = dot(xr, wr) + bias[jj];
-            }
-        }
+    // Blocks of COLS output columns, one task each: a block of W (COLS x k) stays in cache
+    // while every row of x streams past it. Each output element is computed by one task in
+    // the canonical order, whatever the blocking, thread count or ISA.
+    const COLS: usize = 32;
+    let blocks: Vec<usize> = (0..n.div_ceil(COLS)).collect();
+    let results = pool.map(blocks, |b| {
+        let j0 = b * COLS;
+        let nc = COLS.min(n - j0);
+        let mut block = vec![0f32; rows * nc];
+        linear_block(x, w, k, j0, nc, rows, &mut block);
+        block
     });
+    for (b, block) in results.into_iter().enumerate() {
+        let j0 = b * COLS;
+        let nc = block.len() / rows.max(1);
+        for r in 0..rows {
+            for c in 0..nc {
+                out[r * n + j0 + c] = block[r * nc + c] + bias[j0 + c];
+            }
+        }
+    }
+}
+
+/// Columns `j0..j0 + nc` of `x · wᵀ` for all rows, into `block: [rows, nc]` (no bias).
+fn linear_block(
+    x: &[f32],
+    w: &[f32],
+    k: usize,
+    j0: usize,
+    nc: usize,
+    rows: usize,
+    block: &mut [f32],
+) {
+    let xrow = |r: usize| &x[r * k..(r + 1) * k];
+    let wrow = |j: usize| &w[j * k..(j + 1) * k];
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        while r + 3 <= rows {
+            let mut c = 0;
+            while c + 4 <= nc {
+                let ws = [0, 1, 2, 3].map(|i| wrow(j0 + c + i));
+                // SAFETY: Avx2 is selected only when the CPU has AVX2 and FMA; all slices are k long.
+                let d = unsafe { avx2::tile3x4([xrow(r), xrow(r + 1), xrow(r + 2)], ws) };
+                for (dr, row) in d.iter().enumerate() {
+                    block[(r + dr) * nc + c..(r + dr) * nc + c + 4].copy_from_slice(row);
+                }
+                c += 4;
+            }
+            for cc in c..nc {
+                for dr in 0..3 {
+                    block[(r + dr) * nc + cc] = dot(xrow(r + dr), wrow(j0 + cc));
+                }
+            }
+            r += 3;
+        }
+    }
+    for rr in r..rows {
+        for c in 0..nc {
+            block[rr * nc + c] = dot(xrow(rr), wrow(j0 + c));
+        }
+    }
 }
 
 /// LayerNorm over rows of `width`, in place: `(x - mean) / sqrt(var + eps) * gamma + beta`.
@@ -311,12 +369,7 @@ mod tests {
             }
             #[cfg(target_arch = "x86_64")]
             if detect() == Isa::Avx2 {
-                // SAFETY: AVX2+FMA detected; all rows have x's length.
-                let d4 = unsafe { avx2::dot4(&x, [&w[0], &w[1], &w[2], &w[3]]) };
-                for i in 0..4 {
-                    prop_assert_eq!(d4[i].to_bits(), dot_scalar(&x, &w[i]).to_bits());
-                }
-                // SAFETY: as above; the tile's x rows are w rows, all of x's length.
+                // SAFETY: AVX2+FMA detected; the tile's rows all have x's length.
                 let t = unsafe { avx2::tile3x4([&w[1], &x, &w[3]], [&w[0], &w[1], &w[2], &w[3]]) };
                 for (r, xr) in [&w[1], &x, &w[3]].iter().enumerate() {
                     for i in 0..4 {
@@ -324,6 +377,15 @@ mod tests {
                     }
                 }
             }
+        }
+
+        #[test]
+        fn simd_axpy_is_bit_identical_to_the_scalar_reference((x, w) in vecs(), a in -3f32..3f32) {
+            let mut y1 = w[0].clone();
+            let mut y2 = w[0].clone();
+            axpy(a, &x, &mut y1);
+            axpy_scalar(a, &x, &mut y2);
+            prop_assert_eq!(y1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), y2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
 
         #[test]
