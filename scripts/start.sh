@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build mote, fetch the default models, import them into the store ($MOTE_HOME, default
-# ~/.local/share/mote) and show what is there. (Once the server lands, this starts it.)
+# ~/.local/share/mote), show what is there and embed a sentence. (Once the server lands,
+# this starts it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +19,4 @@ fi
 "$mote" verify --all
 "$mote" ls
 "$mote" inspect minilm
+"$mote" run minilm --text "mote runs small models on CPUs, from verified artifacts."
