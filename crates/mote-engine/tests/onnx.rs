@@ -65,6 +65,30 @@ fn sentences() -> Vec<String> {
         .collect()
 }
 
+/// Max abs difference to PyTorch's last_hidden_state over valid (mask = 1) tokens, running
+/// the reference's own padded inputs through the tensor pipeline.
+fn hidden_state_diff(t: &mote_engine::pipeline::TensorPipeline) -> f32 {
+    let inputs = ["input_ids", "attention_mask", "token_type_ids"]
+        .map(|n| (n.to_string(), ref_tensor(&format!("minilm_{n}.npy"))))
+        .to_vec();
+    let (out, _) = t.run(inputs).unwrap();
+    let hidden = out[0].1.as_f32().unwrap();
+    let want = ref_tensor("minilm_last_hidden_state.npy");
+    let want = want.as_f32().unwrap();
+    let TensorData::I64(mask) = ref_tensor("minilm_attention_mask.npy").into_data() else {
+        panic!("the reference mask is INT64")
+    };
+    let mut max_diff = 0f32;
+    for (pos, &m) in mask.iter().enumerate() {
+        if m == 1 {
+            for h in 0..384 {
+                max_diff = max_diff.max((hidden[pos * 384 + h] - want[pos * 384 + h]).abs());
+            }
+        }
+    }
+    max_diff
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -93,25 +117,7 @@ fn minilm_onnx_matches_pytorch_embeddings_and_hidden_states() {
     let Pipeline::Tensor(t) = model.pipeline(Some(Task::Tensor)).unwrap() else {
         unreachable!()
     };
-    let inputs = ["input_ids", "attention_mask", "token_type_ids"]
-        .map(|n| (n.to_string(), ref_tensor(&format!("minilm_{n}.npy"))))
-        .to_vec();
-    let (out, _) = t.run(inputs).unwrap();
-    let hidden = out[0].1.as_f32().unwrap();
-    let want = ref_tensor("minilm_last_hidden_state.npy");
-    let mask = ref_tensor("minilm_attention_mask.npy");
-    let TensorData::I64(mask) = mask.data() else {
-        panic!()
-    };
-    let mut max_diff = 0f32;
-    for (pos, &m) in mask.iter().enumerate() {
-        if m == 1 {
-            for h in 0..384 {
-                max_diff = max_diff
-                    .max((hidden[pos * 384 + h] - want.as_f32().unwrap()[pos * 384 + h]).abs());
-            }
-        }
-    }
+    let max_diff = hidden_state_diff(&t);
     println!("last_hidden_state max abs diff on valid tokens: {max_diff:e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
 }
@@ -138,24 +144,7 @@ fn the_safetensors_minilm_runs_natively_and_matches_pytorch() {
     let Pipeline::Tensor(t) = two.pipeline(Some(Task::Tensor)).unwrap() else {
         unreachable!()
     };
-    let inputs = ["input_ids", "attention_mask", "token_type_ids"]
-        .map(|n| (n.to_string(), ref_tensor(&format!("minilm_{n}.npy"))))
-        .to_vec();
-    let (out, _) = t.run(inputs).unwrap();
-    let hidden = out[0].1.as_f32().unwrap();
-    let want = ref_tensor("minilm_last_hidden_state.npy");
-    let TensorData::I64(mask) = ref_tensor("minilm_attention_mask.npy").into_data() else {
-        panic!()
-    };
-    let mut max_diff = 0f32;
-    for (pos, &m) in mask.iter().enumerate() {
-        if m == 1 {
-            for h in 0..384 {
-                max_diff = max_diff
-                    .max((hidden[pos * 384 + h] - want.as_f32().unwrap()[pos * 384 + h]).abs());
-            }
-        }
-    }
+    let max_diff = hidden_state_diff(&t);
     println!("native last_hidden_state max abs diff on valid tokens: {max_diff:e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
     // Bit-identical alone, in a batch, and across thread counts.
