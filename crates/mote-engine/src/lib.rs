@@ -9,6 +9,7 @@
 
 pub mod backend;
 mod error;
+pub mod llm;
 mod model;
 pub mod native;
 pub mod npy;

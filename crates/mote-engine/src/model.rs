@@ -7,6 +7,7 @@ use mote_store::{Digest, ModelInfo, Reference, Store, Task};
 use crate::backend::Backend;
 use crate::backend::tract::TractBackend;
 use crate::error::{EngineError, Result};
+use crate::llm::Llm;
 use crate::pipeline::{ImageClassification, Pipeline, TensorPipeline, TextEmbedding};
 use crate::threads::{ThreadPool, resolve_threads};
 
@@ -19,10 +20,18 @@ pub struct EngineOptions {
     pub pool: Option<ThreadPool>,
 }
 
+/// What runs the model.
+enum Engine {
+    /// A tensor graph (ONNX via tract, or a native encoder).
+    Graph(Arc<dyn Backend>),
+    /// A language model (GGUF).
+    Llm(Arc<Llm>),
+}
+
 /// A verified model with its backend loaded.
 pub struct Model {
     info: ModelInfo,
-    backend: Arc<dyn Backend>,
+    engine: Engine,
     pool: ThreadPool,
     tokenizer: Option<Vec<u8>>,
     labels: Vec<String>,
@@ -38,12 +47,12 @@ impl Model {
             Some(p) => p.clone(),
             None => ThreadPool::new(resolve_threads(options.threads)?)?,
         };
-        let backend: Arc<dyn Backend> = match settings.format.as_str() {
-            "onnx" => Arc::new(TractBackend::load(
+        let engine = match settings.format.as_str() {
+            "onnx" => Engine::Graph(Arc::new(TractBackend::load(
                 &verified.read(&settings.weights)?,
                 pool.clone(),
-            )?),
-            "safetensors" => Arc::new(
+            )?)),
+            "safetensors" => Engine::Graph(Arc::new(
                 crate::native::bert::Bert::load(
                     &verified.read("config.json").map_err(|_| {
                         EngineError::Model(
@@ -59,12 +68,17 @@ impl Model {
                     }
                     e => e,
                 })?,
-            ),
-            "gguf" => {
-                return Err(EngineError::Unsupported(format!(
-                    "{reference} is a GGUF language model, and this build has no GGUF backend yet"
-                )));
-            }
+            )),
+            "gguf" => Engine::Llm(Arc::new(
+                Llm::load(Arc::new(verified.map(&settings.weights)?), pool.clone()).map_err(
+                    |e| match e {
+                        EngineError::Unsupported(m) => {
+                            EngineError::Unsupported(format!("{reference}: {m}"))
+                        }
+                        e => e,
+                    },
+                )?,
+            )),
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "{reference} has weights in format {other:?}, which no backend of this build reads"
@@ -85,7 +99,7 @@ impl Model {
         };
         Ok(Model {
             info,
-            backend,
+            engine,
             pool,
             tokenizer,
             labels,
@@ -114,15 +128,36 @@ impl Model {
 
     /// The backend's name (for reports).
     pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
+        match &self.engine {
+            Engine::Graph(b) => b.name(),
+            Engine::Llm(_) => "native-llama",
+        }
+    }
+
+    /// The language model, for text-generation artifacts.
+    pub fn llm(&self) -> Option<&Arc<Llm>> {
+        match &self.engine {
+            Engine::Llm(l) => Some(l),
+            Engine::Graph(_) => None,
+        }
     }
 
     /// A pipeline for the model's task, or for `task` (`tensor` works for every graph model).
     pub fn pipeline(&self, task: Option<Task>) -> Result<Pipeline> {
         let task = task.unwrap_or(self.task());
         let settings = &self.info.settings;
+        let backend = match &self.engine {
+            Engine::Graph(b) => b,
+            Engine::Llm(_) => {
+                return Err(EngineError::Unsupported(format!(
+                    "{} is a language model: it generates text (mote run --prompt, mote chat) \
+                     and has no {task} pipeline",
+                    self.info.digest
+                )));
+            }
+        };
         match task {
-            Task::Tensor => Ok(Pipeline::Tensor(TensorPipeline::new(self.backend.clone()))),
+            Task::Tensor => Ok(Pipeline::Tensor(TensorPipeline::new(backend.clone()))),
             Task::TextEmbedding => {
                 let (Some(text), Some(tok)) = (&settings.text, &self.tokenizer) else {
                     return Err(EngineError::Model(
@@ -130,21 +165,25 @@ impl Model {
                     ));
                 };
                 Ok(Pipeline::TextEmbedding(Box::new(TextEmbedding::new(
-                    self.backend.clone(),
+                    backend.clone(),
                     tok,
                     text,
                 )?)))
             }
             Task::ImageClassification => {
                 Ok(Pipeline::ImageClassification(ImageClassification::new(
-                    self.backend.clone(),
+                    backend.clone(),
                     settings.image.clone().unwrap_or_default(),
                     self.labels.clone(),
                 )?))
             }
-            Task::TextClassification | Task::TextGeneration => Err(EngineError::Unsupported(
-                format!("the {task} pipeline is not built yet; `--task tensor` runs the raw graph"),
+            Task::TextGeneration => Err(EngineError::Unsupported(
+                "text generation needs a GGUF language model; this artifact is a tensor graph"
+                    .into(),
             )),
+            Task::TextClassification => Err(EngineError::Unsupported(format!(
+                "the {task} pipeline is not built yet; `--task tensor` runs the raw graph"
+            ))),
         }
     }
 }

@@ -104,6 +104,15 @@ impl ThreadPool {
         tract_linalg::multithread::multithread_tract_scope(executor, f)
     }
 
+    /// Run `f` on one of the pool's threads, so that the parallel loops inside it are split
+    /// among threads that are already awake instead of being handed over from outside.
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
     /// Call `f(index, chunk)` for every `chunk`-sized piece of `data`, in parallel on the
     /// pool. Each piece is written by exactly one call.
     pub(crate) fn for_each_chunk<T: Send>(

@@ -26,6 +26,6 @@ pub use import::ImportOptions;
 pub use reference::{Reference, TagRef};
 pub use settings::{ImageSettings, Pooling, Settings, Task, TextSettings};
 pub use store::{
-    GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, ModelFile, ModelInfo, Removed,
-    Store, TagMove, VerifiedModel, VerifyOutcome,
+    GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, Mapped, ModelFile, ModelInfo,
+    Removed, Store, TagMove, VerifiedModel, VerifyOutcome,
 };

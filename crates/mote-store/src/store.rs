@@ -120,6 +120,34 @@ impl VerifiedModel {
     /// Read one file of the model, checking its digest again as it is read (so what the
     /// caller gets is exactly what was verified, even if the blob changed since).
     pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let (model, file) = self.file(path)?;
+        let bytes = fs::read(&file.blob).at("cannot read", &file.blob)?;
+        Self::check(model, path, file, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Memory-map one file of the model read-only, checking the digest of the mapped bytes
+    /// (so the pages the caller uses are the ones that were verified). Large weights are
+    /// shared between processes through the page cache instead of copied.
+    ///
+    /// Blobs are read-only files that mote never rewrites in place; a process that
+    /// truncates one behind mote's back while it is mapped makes reads fault (SIGBUS).
+    pub fn map(&self, path: &str) -> Result<Mapped> {
+        let (model, file) = self.file(path)?;
+        let f = File::open(&file.blob).at("cannot open", &file.blob)?;
+        if file.size == 0 {
+            Self::check(model, path, file, &[])?;
+            return Ok(Mapped(MappedInner::Empty));
+        }
+        // SAFETY: the blob is a read-only (0444) content-addressed file that the store only
+        // ever creates by rename and removes by unlink, never modifies in place; the map is
+        // read-only and private, and its contents are hashed below before anyone uses them.
+        let map = unsafe { memmap2::Mmap::map(&f) }.at("cannot memory-map", &file.blob)?;
+        Self::check(model, path, file, &map)?;
+        Ok(Mapped(MappedInner::Map(map)))
+    }
+
+    fn file(&self, path: &str) -> Result<(String, &ModelFile)> {
         let model = match self.info.tags.first() {
             Some(t) => format!("{t} ({})", self.info.digest),
             None => self.info.digest.to_string(),
@@ -128,8 +156,11 @@ impl VerifiedModel {
             path: PathBuf::from(path),
             reason: format!("model {model} has no file {path:?}; re-import it"),
         })?;
-        let bytes = fs::read(&file.blob).at("cannot read", &file.blob)?;
-        let actual = Digest::of(&bytes);
+        Ok((model, file))
+    }
+
+    fn check(model: String, path: &str, file: &ModelFile, bytes: &[u8]) -> Result<()> {
+        let actual = Digest::of(bytes);
         if actual != file.digest {
             return Err(StoreError::Corrupt {
                 model,
@@ -138,7 +169,27 @@ impl VerifiedModel {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(())
+    }
+}
+
+/// A model file mapped into memory by [`VerifiedModel::map`], verified against its digest.
+#[derive(Debug)]
+pub struct Mapped(MappedInner);
+
+#[derive(Debug)]
+enum MappedInner {
+    Empty,
+    Map(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            MappedInner::Empty => &[],
+            MappedInner::Map(m) => m,
+        }
     }
 }
 

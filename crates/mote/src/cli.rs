@@ -26,8 +26,11 @@ pub struct Cli {
 enum Command {
     /// Import a model (.onnx file, .gguf file, or a Hugging Face style directory) and print its digest.
     Import(ImportArgs),
-    /// Run a model: embeddings for texts, labels for images, tensors for tensors.
+    /// Run a model: embeddings for texts, labels for images, tensors for tensors, a
+    /// completion for a prompt.
     Run(crate::run::RunArgs),
+    /// Chat with a language model (its own chat template): one message per line on stdin.
+    Chat(crate::generate::ChatArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -175,6 +178,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Import(args) => import(&store, args),
         Command::Run(args) => crate::run::run(&store, args),
+        Command::Chat(args) => crate::generate::chat(&store, args),
         Command::Ls(j) => ls(&store, j.json),
         Command::Inspect { reference, json } => inspect(&store, &reference, json.json),
         Command::Verify {

@@ -2,6 +2,7 @@
 //! library crate; this file turns flags into calls and results into text or JSON.
 
 mod cli;
+mod generate;
 mod output;
 mod run;
 

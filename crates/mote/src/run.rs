@@ -38,9 +38,15 @@ pub struct RunArgs {
     /// Inference threads (default: $MOTE_THREADS, else physical cores).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// Classes to show per image.
-    #[arg(long, default_value_t = 5, value_name = "K")]
-    top_k: usize,
+    /// Classes to show per image (default 5); for a language model, sample from the K most
+    /// likely tokens (default 40).
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// A prompt for a language model to complete (raw: no chat template; see `mote chat`).
+    #[arg(long, short = 'p', value_name = "TEXT")]
+    prompt: Option<String>,
+    #[command(flatten)]
+    generation: crate::generate::GenArgs,
     /// Write each output tensor as DIR/NAME.npy (tensor pipeline).
     #[arg(long, value_name = "DIR")]
     save: Option<PathBuf>,
@@ -120,9 +126,36 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
         },
     )?;
     let open_ms = t_open.elapsed().as_secs_f64() * 1e3;
+    if let Some(llm) = model.llm() {
+        if !a.texts.is_empty() || !a.images.is_empty() || !a.tensors.is_empty() || a.input.is_some()
+        {
+            bail!(
+                "{} is a language model: give it a prompt with --prompt TEXT",
+                a.reference
+            );
+        }
+        let Some(prompt) = &a.prompt else {
+            bail!(
+                "{} is a language model: give it a prompt with --prompt TEXT (or talk to it with `mote chat {}`)",
+                a.reference,
+                a.reference
+            );
+        };
+        let options = a.generation.options(a.top_k)?;
+        return crate::generate::complete(&model, llm, prompt, &options, a.json.json, open_ms);
+    }
+    if a.prompt.is_some() {
+        bail!(
+            "--prompt is for language models; {} is a {} model (give it --text, --image or --tensor)",
+            a.reference,
+            model.task()
+        );
+    }
     let task = a.task.as_deref().map(str::parse::<Task>).transpose()?;
     let pipeline = match model.pipeline(task)? {
-        Pipeline::ImageClassification(p) => Pipeline::ImageClassification(p.with_top_k(a.top_k)),
+        Pipeline::ImageClassification(p) => {
+            Pipeline::ImageClassification(p.with_top_k(a.top_k.unwrap_or(5)))
+        }
         p => p,
     };
     let mut texts = a.texts.clone();

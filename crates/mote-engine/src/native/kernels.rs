@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// Portable Rust, the reference.
     Scalar,
-    /// AVX2 + FMA.
+    /// AVX2 + FMA + F16C (every AVX2 CPU has the latter two).
     Avx2,
 }
 
@@ -23,7 +23,10 @@ pub const MOTE_ISA: &str = "MOTE_ISA";
 fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2;
         }
     }

@@ -1,0 +1,591 @@
+//! Block-quantised weights (ggml's Q4_0, Q4_1, Q8_0), int8 activations, and the integer
+//! dot-product kernels of the language-model path.
+//!
+//! A weight row is a run of 32-element blocks, each with an f16 scale (and for Q4_1 an f16
+//! minimum). Activations are quantised per 32-element block to int8 with an f32 scale, so a
+//! block's dot product is an exact integer sum.
+//!
+//! Determinism by construction: the canonical order is defined on eight lanes. Lane `l` of a
+//! block is the exact integer sum of elements `4l..4l+3`; per block, lane `l` of the
+//! accumulator takes `fma(dw·dx, p_l, acc_l)` (and for Q4_1 `fma(mw, sx_l, acc_l)` with
+//! `sx_l = dx·Σ qx` over the same four elements); the lanes are reduced as
+//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. The scalar reference does exactly that, the AVX2
+//! path does it eight lanes at a time, so every ISA level gives the same bits. Rows are split
+//! across threads by output element, never along the summed dimension, and a token's
+//! activations are quantised on their own, so results do not depend on batch-mates.
+
+use half::{bf16, f16};
+
+use crate::native::kernels::{Isa, isa};
+
+/// Elements per quantisation block.
+pub const QK: usize = 32;
+
+/// The weight encodings the LLM kernels run directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QType {
+    /// 4-bit, symmetric: `x = (q - 8)·d`; 18 bytes a block.
+    Q4_0,
+    /// 4-bit with minimum: `x = q·d + m`; 20 bytes a block.
+    Q4_1,
+    /// 8-bit: `x = q·d`; 34 bytes a block.
+    Q8_0,
+}
+
+impl QType {
+    /// Bytes per 32-element block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q8_0 => 34,
+        }
+    }
+}
+
+/// One block of quantised activations.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(4))]
+pub struct Q8Block {
+    /// The int8 values (never -128).
+    pub qs: [i8; QK],
+    /// Scale: `x ≈ qs·d`.
+    pub d: f32,
+    /// `d · Σ qs` over each lane's four elements (used by Q4_1's minimum term).
+    pub sx: [f32; 8],
+}
+
+/// Quantise one row of activations (`x.len()` a multiple of 32) into `out`: per block,
+/// `d = max|x| / 127`, `y = x · (1/d)`, `q = trunc(y + copysign(0.5, y))` in f32 (rounding
+/// half away from zero, as llama.cpp's reference quantiser does; ties to even measurably
+/// worsened agreement with llama.cpp's logits).
+pub fn quantize_row(x: &[f32], out: &mut [Q8Block]) {
+    assert_eq!(x.len(), out.len() * QK, "row length is not blocks × 32");
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked.
+        Isa::Avx2 => unsafe { avx2::quantize_row(x, out) },
+        _ => quantize_row_scalar(x, out),
+    }
+}
+
+/// [`quantize_row`], scalar reference.
+pub fn quantize_row_scalar(x: &[f32], out: &mut [Q8Block]) {
+    for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (q, &v) in ob.qs.iter_mut().zip(xb) {
+            let y = v * id;
+            *q = (y + 0.5f32.copysign(y)).trunc().clamp(-127.0, 127.0) as i8;
+        }
+        finish_block(ob, d);
+    }
+}
+
+/// Set the scale and the lane sums of a block whose `qs` are final.
+#[inline]
+fn finish_block(ob: &mut Q8Block, d: f32) {
+    ob.d = d;
+    for l in 0..8 {
+        let s: i32 = ob.qs[4 * l..4 * l + 4].iter().map(|&q| i32::from(q)).sum();
+        ob.sx[l] = d * s as f32;
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// Dequantise `n` elements of a row of `ty` blocks (reference and embedding lookup).
+pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
+    let bb = ty.block_bytes();
+    assert_eq!(
+        bytes.len(),
+        out.len() / QK * bb,
+        "row bytes do not match its length"
+    );
+    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(b, 0);
+        match ty {
+            QType::Q4_0 => {
+                for j in 0..16 {
+                    o[j] = (i32::from(b[2 + j] & 15) - 8) as f32 * d;
+                    o[j + 16] = (i32::from(b[2 + j] >> 4) - 8) as f32 * d;
+                }
+            }
+            QType::Q4_1 => {
+                let m = f16_at(b, 2);
+                for j in 0..16 {
+                    o[j] = f32::from(b[4 + j] & 15).mul_add(d, m);
+                    o[j + 16] = f32::from(b[4 + j] >> 4).mul_add(d, m);
+                }
+            }
+            QType::Q8_0 => {
+                for j in 0..QK {
+                    o[j] = f32::from(b[2 + j] as i8) * d;
+                }
+            }
+        }
+    }
+}
+
+/// Convert little-endian F16 values to f32.
+pub fn f16_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .collect()
+}
+
+/// Convert little-endian BF16 values to f32.
+pub fn bf16_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+        .collect()
+}
+
+/// The integer weight value of element `i` of a block, and the block's `(d, m)`.
+fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], f32, f32) {
+    let mut w = [0i32; QK];
+    let d = f16_at(b, 0);
+    match ty {
+        QType::Q4_0 => {
+            for j in 0..16 {
+                w[j] = i32::from(b[2 + j] & 15) - 8;
+                w[j + 16] = i32::from(b[2 + j] >> 4) - 8;
+            }
+            (w, d, 0.0)
+        }
+        QType::Q4_1 => {
+            for j in 0..16 {
+                w[j] = i32::from(b[4 + j] & 15);
+                w[j + 16] = i32::from(b[4 + j] >> 4);
+            }
+            (w, d, f16_at(b, 2))
+        }
+        QType::Q8_0 => {
+            for j in 0..QK {
+                w[j] = i32::from(b[2 + j] as i8);
+            }
+            (w, d, 0.0)
+        }
+    }
+}
+
+/// Reduce eight lanes in the canonical order.
+#[inline]
+pub fn reduce8(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Canonical-order dot product of one weight row with one activation row, scalar reference.
+pub fn dot_scalar(ty: QType, w: &[u8], x: &[Q8Block]) -> f32 {
+    let bb = ty.block_bytes();
+    assert_eq!(
+        w.len(),
+        x.len() * bb,
+        "weight row and activations differ in length"
+    );
+    let mut acc = [0f32; 8];
+    for (b, xb) in w.chunks_exact(bb).zip(x) {
+        let (wq, d, m) = weight_block(ty, b);
+        let dd = d * xb.d;
+        for (l, a) in acc.iter_mut().enumerate() {
+            let p: i32 = (4 * l..4 * l + 4)
+                .map(|i| wq[i] * i32::from(xb.qs[i]))
+                .sum();
+            *a = dd.mul_add(p as f32, *a);
+            if ty == QType::Q4_1 {
+                *a = m.mul_add(xb.sx[l], *a);
+            }
+        }
+    }
+    reduce8(acc)
+}
+
+/// `out[r * n_tok + t] = dot(w row r, x token t)` for the weight rows `w` (`rows` of them,
+/// `stride` bytes each) and the `n_tok` activation rows in `x` (`nb` blocks each).
+pub fn matmul_rows(
+    ty: QType,
+    w: &[u8],
+    stride: usize,
+    rows: usize,
+    x: &[Q8Block],
+    nb: usize,
+    out: &mut [f32],
+) {
+    let n_tok = x.len() / nb;
+    assert_eq!(
+        w.len(),
+        rows * stride,
+        "weight rows do not match their count"
+    );
+    assert_eq!(
+        stride,
+        nb * ty.block_bytes(),
+        "row stride does not match the block count"
+    );
+    assert_eq!(
+        out.len(),
+        rows * n_tok,
+        "output does not match rows × tokens"
+    );
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2, FMA and F16C; every length
+        // was checked above.
+        Isa::Avx2 => unsafe { avx2::matmul_rows(ty, w, stride, rows, x, nb, out) },
+        _ => {
+            for r in 0..rows {
+                for t in 0..n_tok {
+                    out[r * n_tok + t] = dot_scalar(
+                        ty,
+                        &w[r * stride..(r + 1) * stride],
+                        &x[t * nb..(t + 1) * nb],
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Q8Block, QType};
+
+    /// Reduce eight lanes in the canonical order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce(v: __m256) -> f32 {
+        let mut a = [0f32; 8];
+        // SAFETY: `a` has room for eight floats.
+        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+        super::reduce8(a)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16(p: *const u8) -> f32 {
+        // SAFETY: callers pass a pointer to two readable bytes.
+        let bits = unsafe { (p as *const u16).read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    /// See [`super::quantize_row`]; the same arithmetic eight values at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `x.len() == out.len() * 32`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn quantize_row(x: &[f32], out: &mut [super::Q8Block]) {
+        let sign = _mm256_set1_ps(-0.0);
+        for (xb, ob) in x.chunks_exact(super::QK).zip(out.iter_mut()) {
+            // SAFETY: xb holds 32 floats.
+            let v = unsafe { [0, 8, 16, 24].map(|i| _mm256_loadu_ps(xb.as_ptr().add(i))) };
+            let a = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(a[0], a[1]), _mm256_max_ps(a[2], a[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            let amax = _mm_cvtss_f32(m);
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let half = _mm256_set1_ps(0.5);
+            let q = v.map(|v| {
+                let y = _mm256_mul_ps(v, id);
+                let h = _mm256_or_ps(half, _mm256_and_ps(sign, y));
+                _mm256_cvttps_epi32(_mm256_add_ps(y, h))
+            });
+            // i32 -> i16 -> i8 (packs interleave 128-bit lanes; the permute restores order).
+            let q16a = _mm256_packs_epi32(q[0], q[1]);
+            let q16b = _mm256_packs_epi32(q[2], q[3]);
+            let q8 = _mm256_packs_epi16(q16a, q16b);
+            let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            // SAFETY: qs is 32 bytes.
+            unsafe { _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, q8) };
+            super::finish_block(ob, d);
+        }
+    }
+
+    /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1,
+    /// signed for Q4_0 and Q8_0), with its scale and minimum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        // SAFETY: callers pass a pointer to a whole block of type TY.
+        unsafe {
+            match TY {
+                0 => {
+                    let v = _mm_loadu_si128(p.add(2) as *const __m128i);
+                    let m4 = _mm_set1_epi8(15);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+                    (w, f16(p), 0.0)
+                }
+                1 => {
+                    let v = _mm_loadu_si128(p.add(4) as *const __m128i);
+                    let m4 = _mm_set1_epi8(15);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    (_mm256_set_m128i(hi, lo), f16(p), f16(p.add(2)))
+                }
+                _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
+            }
+        }
+    }
+
+    /// Lane sums of `w · x` over one block: exact int32, lane `l` = elements `4l..4l+3`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn lanes<const TY: u8>(w: __m256i, x: __m256i) -> __m256 {
+        let ones = _mm256_set1_epi16(1);
+        let p16 = if TY == 1 {
+            // Unsigned nibbles × signed activations.
+            _mm256_maddubs_epi16(w, x)
+        } else {
+            // |w| × (x with w's sign): the same products, with an unsigned left operand.
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
+    }
+
+    /// A tile of `R` weight rows × `T` tokens, in the canonical order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const TY: u8, const R: usize, const T: usize>(
+        w: [*const u8; R],
+        x: [*const Q8Block; T],
+        nb: usize,
+        bb: usize,
+    ) -> [[f32; T]; R] {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for b in 0..nb {
+            let mut wv = [_mm256_setzero_si256(); R];
+            let mut dw = [0f32; R];
+            let mut mw = [0f32; R];
+            for r in 0..R {
+                // SAFETY: block b of row r is inside the row (nb blocks of bb bytes).
+                (wv[r], dw[r], mw[r]) = unsafe { load_w::<TY>(w[r].add(b * bb)) };
+                if T == 1 {
+                    // Generation streams the weights once: ask for them ahead of use.
+                    // (A prefetch never faults, even past the end of the mapping.)
+                    _mm_prefetch::<_MM_HINT_T0>(w[r].wrapping_add(b * bb + 4 * 64) as *const i8);
+                }
+            }
+            for t in 0..T {
+                // SAFETY: block b of token t is inside its nb blocks.
+                let xb = unsafe { &*x[t].add(b) };
+                // SAFETY: qs is 32 bytes; sx is 8 floats.
+                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                let sx = unsafe { _mm256_loadu_ps(xb.sx.as_ptr()) };
+                for r in 0..R {
+                    let p = lanes::<TY>(wv[r], xv);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), p, acc[r][t]);
+                    if TY == 1 {
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), sx, acc[r][t]);
+                    }
+                }
+            }
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = reduce(acc[r][t]);
+            }
+        }
+        out
+    }
+
+    /// See [`super::matmul_rows`]; tiles of 4 rows × 2 tokens, smaller at the edges.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; lengths as checked by the caller.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn matmul_rows(
+        ty: QType,
+        w: &[u8],
+        stride: usize,
+        rows: usize,
+        x: &[Q8Block],
+        nb: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match ty {
+                QType::Q4_0 => run::<0>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                QType::Q4_1 => run::<1>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                QType::Q8_0 => run::<2>(w, stride, rows, x, nb, out, ty.block_bytes()),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<const TY: u8>(
+        w: &[u8],
+        stride: usize,
+        rows: usize,
+        x: &[Q8Block],
+        nb: usize,
+        out: &mut [f32],
+        bb: usize,
+    ) {
+        let n_tok = x.len() / nb;
+        let wp = |r: usize| w[r * stride..].as_ptr();
+        let xp = |t: usize| x[t * nb..].as_ptr();
+        let mut r = 0;
+        while r < rows {
+            let nr = (rows - r).min(4);
+            let mut t = 0;
+            while t < n_tok {
+                let nt = (n_tok - t).min(2);
+                // SAFETY: rows r..r+nr and tokens t..t+nt exist; each has nb blocks.
+                unsafe {
+                    match (nr, nt) {
+                        (4, 2) => {
+                            let o = tile::<TY, 4, 2>(
+                                [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
+                                [xp(t), xp(t + 1)],
+                                nb,
+                                bb,
+                            );
+                            for (i, row) in o.iter().enumerate() {
+                                out[(r + i) * n_tok + t..][..2].copy_from_slice(row);
+                            }
+                        }
+                        (4, 1) => {
+                            let o = tile::<TY, 4, 1>(
+                                [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
+                                [xp(t)],
+                                nb,
+                                bb,
+                            );
+                            for (i, row) in o.iter().enumerate() {
+                                out[(r + i) * n_tok + t] = row[0];
+                            }
+                        }
+                        (_, _) => {
+                            for i in 0..nr {
+                                for j in 0..nt {
+                                    out[(r + i) * n_tok + t + j] =
+                                        tile::<TY, 1, 1>([wp(r + i)], [xp(t + j)], nb, bb)[0][0];
+                                }
+                            }
+                        }
+                    }
+                }
+                t += nt;
+            }
+            r += nr;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Random weight rows of `ty` with finite scales.
+    fn rows(ty: QType, n: usize, nb: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let bb = ty.block_bytes();
+        let mut out = vec![0u8; n * nb * bb];
+        for b in out.chunks_exact_mut(bb) {
+            for v in b.iter_mut() {
+                *v = next() as u8;
+            }
+            let d = f16::from_f32((next() % 1000) as f32 / 1e4 - 0.05).to_bits();
+            b[..2].copy_from_slice(&d.to_le_bytes());
+            if ty == QType::Q4_1 {
+                let m = f16::from_f32((next() % 1000) as f32 / 1e3 - 0.5).to_bits();
+                b[2..4].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn types() -> impl Strategy<Value = QType> {
+        prop_oneof![Just(QType::Q4_0), Just(QType::Q4_1), Just(QType::Q8_0)]
+    }
+
+    proptest! {
+        #[test]
+        fn matmul_is_bit_identical_to_the_scalar_reference(
+            ty in types(), nb in 1usize..12, rows_n in 1usize..11, n_tok in 1usize..6,
+            seed in any::<u64>(), xs in proptest::collection::vec(-8f32..8f32, 32 * 11 * 5),
+        ) {
+            let stride = nb * ty.block_bytes();
+            let w = rows(ty, rows_n, nb, seed);
+            let mut x = vec![Q8Block::default(); n_tok * nb];
+            quantize_row(&xs[..n_tok * nb * QK], &mut x);
+            let mut out = vec![0f32; rows_n * n_tok];
+            matmul_rows(ty, &w, stride, rows_n, &x, nb, &mut out);
+            for r in 0..rows_n {
+                for t in 0..n_tok {
+                    let want = dot_scalar(ty, &w[r * stride..(r + 1) * stride], &x[t * nb..(t + 1) * nb]);
+                    prop_assert_eq!(out[r * n_tok + t].to_bits(), want.to_bits(), "row {} token {}", r, t);
+                }
+            }
+        }
+
+        #[test]
+        fn simd_quantisation_is_identical_to_the_scalar_reference(
+            xs in proptest::collection::vec(-1e3f32..1e3f32, 32 * 4), scale in -20i32..20,
+        ) {
+            let xs: Vec<f32> = xs.iter().map(|v| v * 2f32.powi(scale)).collect();
+            let mut a = vec![Q8Block::default(); 4];
+            let mut b = vec![Q8Block::default(); 4];
+            quantize_row(&xs, &mut a);
+            quantize_row_scalar(&xs, &mut b);
+            for (a, b) in a.iter().zip(&b) {
+                prop_assert_eq!(a.qs, b.qs);
+                prop_assert_eq!(a.d.to_bits(), b.d.to_bits());
+                prop_assert_eq!(a.sx.map(f32::to_bits), b.sx.map(f32::to_bits));
+            }
+        }
+
+        #[test]
+        fn integer_dot_matches_dequantised_float_dot(
+            ty in types(), nb in 1usize..6, seed in any::<u64>(),
+            xs in proptest::collection::vec(-4f32..4f32, 32 * 6),
+        ) {
+            let w = rows(ty, 1, nb, seed);
+            let mut x = vec![Q8Block::default(); nb];
+            quantize_row(&xs[..nb * QK], &mut x);
+            let mut wf = vec![0f32; nb * QK];
+            dequantize_row(ty, &w, &mut wf);
+            let xf: Vec<f32> = x.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
+            let want: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let got = dot_scalar(ty, &w, &x) as f64;
+            let scale: f64 = wf.iter().zip(&xf).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-6;
+            prop_assert!((got - want).abs() <= 1e-5 * scale, "got {got}, want {want}");
+        }
+    }
+
+    #[test]
+    fn activation_quantisation_is_within_half_a_step() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut q = vec![Q8Block::default(); 2];
+        quantize_row(&x, &mut q);
+        for (i, v) in x.iter().enumerate() {
+            let b = &q[i / QK];
+            assert!((f32::from(b.qs[i % QK]) * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+        }
+        let mut zero = vec![Q8Block::default(); 1];
+        quantize_row(&[0.0; 32], &mut zero);
+        assert!(zero[0].qs.iter().all(|&q| q == 0) && zero[0].d == 0.0);
+    }
+}
