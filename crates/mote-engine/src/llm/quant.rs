@@ -117,8 +117,8 @@ pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
             QType::Q4_1 => {
                 let m = f16_at(b, 2);
                 for j in 0..16 {
-                    o[j] = f32::from(b[4 + j] & 15).mul_add(d, m);
-                    o[j + 16] = f32::from(b[4 + j] >> 4).mul_add(d, m);
+                    o[j] = f32::from(b[4 + j] & 15) * d + m;
+                    o[j + 16] = f32::from(b[4 + j] >> 4) * d + m;
                 }
             }
             QType::Q8_0 => {

@@ -1,0 +1,95 @@
+//! Dequantisation of ggml block formats against the `gguf` Python package (llama.cpp's
+//! reference implementation), using `tests/fixtures/quant_fixture.gguf` (written by
+//! `tests/fixtures/make_quant_fixture.py`), and the integer kernels against dequantised
+//! float arithmetic on the same data.
+
+use std::path::Path;
+
+use mote_engine::llm::quant::{self, Q8Block, QType};
+use mote_store::formats::gguf::{GgmlType, Gguf};
+
+fn fixture() -> (Gguf, Vec<u8>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant_fixture.gguf");
+    let bytes = std::fs::read(path).unwrap();
+    let g = Gguf::read(&bytes[..], bytes.len() as u64).unwrap();
+    (g, bytes)
+}
+
+fn tensor<'a>(g: &Gguf, bytes: &'a [u8], name: &str) -> (GgmlType, &'a [u8], usize) {
+    let t = g.tensors.iter().find(|t| t.name == name).unwrap();
+    let at = (g.data_offset + t.offset) as usize;
+    (t.ggml_type, &bytes[at..at + t.size as usize], t.elements() as usize)
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn dequantisation_matches_the_gguf_package_bit_for_bit() {
+    let (g, bytes) = fixture();
+    for name in ["q4_0", "q4_1", "q8_0", "f16", "bf16"] {
+        let (ty, data, n) = tensor(&g, &bytes, name);
+        let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));
+        let want = f32s(expected);
+        let got = match ty {
+            GgmlType::F16 => quant::f16_to_f32(data),
+            GgmlType::Bf16 => quant::bf16_to_f32(data),
+            q => {
+                let qt = match q {
+                    GgmlType::Q4_0 => QType::Q4_0,
+                    GgmlType::Q4_1 => QType::Q4_1,
+                    GgmlType::Q8_0 => QType::Q8_0,
+                    other => panic!("unexpected type {other:?}"),
+                };
+                let mut out = vec![0f32; n];
+                quant::dequantize_row(qt, data, &mut out);
+                out
+            }
+        };
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{name}[{i}]: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
+    let (g, bytes) = fixture();
+    let (_, input, n) = tensor(&g, &bytes, "input");
+    let x = f32s(input);
+    let cols = 128;
+    let mut qx = vec![Q8Block::default(); n / 32];
+    quant::quantize_row(&x, &mut qx);
+    let xq: Vec<f32> = qx
+        .iter()
+        .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d))
+        .collect();
+    for (name, qt) in [("q4_0", QType::Q4_0), ("q4_1", QType::Q4_1), ("q8_0", QType::Q8_0)] {
+        let (_, w, _) = tensor(&g, &bytes, name);
+        let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));
+        let wf = f32s(expected);
+        let stride = cols / 32 * qt.block_bytes();
+        let mut out = vec![0f32; 4];
+        // Two weight rows × two token rows.
+        quant::matmul_rows(qt, w, stride, 2, &qx, cols / 32, &mut out);
+        for r in 0..2 {
+            for t in 0..2 {
+                let exact: f64 = (0..cols)
+                    .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
+                    .sum();
+                let mag: f64 = (0..cols)
+                    .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
+                    .sum();
+                let got = out[r * 2 + t] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                    "{name} row {r} token {t}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+}
