@@ -67,10 +67,24 @@ fn main() {
     )
     .unwrap();
     let llm = model.llm().expect("a GGUF language model").clone();
+    if std::env::var_os("BENCH_RSS_TRACE").is_some() {
+        eprintln!(
+            "rss after open: {} KiB (base {base_rss}), hwm {}",
+            rss_kib("VmRSS:"),
+            rss_kib("VmHWM:")
+        );
+    }
     let lm = llm.model();
     // Warm-up (pages the weights in).
     let mut s = lm.sequence();
     lm.forward(&mut [&mut s], &[&prompt], false).unwrap();
+    if std::env::var_os("BENCH_RSS_TRACE").is_some() {
+        eprintln!(
+            "rss after warm-up: {} KiB, hwm {}",
+            rss_kib("VmRSS:"),
+            rss_kib("VmHWM:")
+        );
+    }
     let mut prompt_tps = Vec::new();
     let prompt_runs = if std::env::var_os("BENCH_GEN_ONLY").is_some() {
         1

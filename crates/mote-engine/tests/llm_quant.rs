@@ -18,7 +18,11 @@ fn fixture() -> (Gguf, Vec<u8>) {
 fn tensor<'a>(g: &Gguf, bytes: &'a [u8], name: &str) -> (GgmlType, &'a [u8], usize) {
     let t = g.tensors.iter().find(|t| t.name == name).unwrap();
     let at = (g.data_offset + t.offset) as usize;
-    (t.ggml_type, &bytes[at..at + t.size as usize], t.elements() as usize)
+    (
+        t.ggml_type,
+        &bytes[at..at + t.size as usize],
+        t.elements() as usize,
+    )
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
@@ -68,7 +72,11 @@ fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
         .iter()
         .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d))
         .collect();
-    for (name, qt) in [("q4_0", QType::Q4_0), ("q4_1", QType::Q4_1), ("q8_0", QType::Q8_0)] {
+    for (name, qt) in [
+        ("q4_0", QType::Q4_0),
+        ("q4_1", QType::Q4_1),
+        ("q8_0", QType::Q8_0),
+    ] {
         let (_, w, _) = tensor(&g, &bytes, name);
         let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));
         let wf = f32s(expected);

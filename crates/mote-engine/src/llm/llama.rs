@@ -417,9 +417,7 @@ impl Llama {
             let qh = self.quantize(&h, d, &mut qbuf);
             self.matmul(&h, qh, &layer.gate, &mut gate);
             self.matmul(&h, qh, &layer.up, &mut up);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            self.swiglu(&mut gate, &up);
             let qg = self.quantize(&gate, c.ffn_dim, &mut qbuf);
             self.matmul(&gate, qg, &layer.down, &mut tmp);
             add(&mut x, &tmp);
@@ -475,25 +473,51 @@ impl Llama {
         }
     }
 
+    /// Call `f(i, row)` for every `width`-wide row of `out`: spread over the pool when there
+    /// are enough rows (a prompt), on this thread otherwise (generation).
+    fn each_row<T: Send>(
+        &self,
+        out: &mut [T],
+        width: usize,
+        f: impl Fn(usize, &mut [T]) + Sync + Send,
+    ) {
+        let n = out.len() / width.max(1);
+        let threads = self.pool.threads();
+        if threads > 1 && n >= 2 * threads {
+            let per = n.div_ceil(threads * 2);
+            self.pool.for_each_chunk(out, per * width, |ci, chunk| {
+                for (j, row) in chunk.chunks_exact_mut(width).enumerate() {
+                    f(ci * per + j, row);
+                }
+            });
+        } else {
+            for (i, row) in out.chunks_exact_mut(width).enumerate() {
+                f(i, row);
+            }
+        }
+    }
+
     /// `out = x / rms(x) · w`, row by row (sum of squares in f64, in order).
     fn rms_norm(&self, x: &[f32], w: &[f32], out: &mut [f32]) {
         let d = w.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let eps = self.config.eps as f64;
+        self.each_row(out, d, |i, or| {
+            let xr = &x[i * d..(i + 1) * d];
             let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
-            let scale = (1.0 / (ss / d as f64 + self.config.eps as f64).sqrt()) as f32;
+            let scale = (1.0 / (ss / d as f64 + eps).sqrt()) as f32;
             for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
                 *o = xv * scale * wv;
             }
-        }
+        });
     }
 
     /// Rotate adjacent pairs `(2i, 2i+1)` of the first `rope_dims` of each head (GGUF's
     /// Llama layout).
     fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
         let hd = self.config.head_dim;
-        let w = heads * hd;
-        for (row, &pos) in x.chunks_exact_mut(w).zip(positions) {
-            let p = pos as f64 / self.config.rope_scale as f64;
+        let scale = self.config.rope_scale as f64;
+        self.each_row(x, heads * hd, |r, row| {
+            let p = positions[r] as f64 / scale;
             for (i, &f) in self.inv_freq.iter().enumerate() {
                 let (sin, cos) = (p * f).sin_cos();
                 let (sin, cos) = (sin as f32, cos as f32);
@@ -504,7 +528,17 @@ impl Llama {
                     row[a + 1] = x0 * sin + x1 * cos;
                 }
             }
-        }
+        });
+    }
+
+    /// `gate = silu(gate) · up`, element-wise.
+    fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
+        let f = self.config.ffn_dim;
+        self.each_row(gate, f, |i, g| {
+            for (gv, &uv) in g.iter_mut().zip(&up[i * f..(i + 1) * f]) {
+                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            }
+        });
     }
 
     /// Quantise the rows of `x` (width `k`) into `buf` (reused between calls).
@@ -514,9 +548,9 @@ impl Llama {
         buf.clear();
         buf.resize(n * nb, Q8Block::default());
         if k.is_multiple_of(QK) {
-            for (xr, br) in x.chunks_exact(k).zip(buf.chunks_exact_mut(nb)) {
-                quant::quantize_row(xr, br);
-            }
+            self.each_row(buf, nb, |i, br| {
+                quant::quantize_row(&x[i * k..(i + 1) * k], br)
+            });
         }
         buf
     }

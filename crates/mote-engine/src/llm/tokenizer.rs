@@ -8,7 +8,13 @@
 //! UTF-8 boundaries.
 
 use mote_store::formats::gguf::Gguf;
-use serde_json::json;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{EngineError, Result};
 
@@ -97,60 +103,64 @@ impl Tokenizer {
             .collect::<Option<_>>()
             .ok_or_else(|| EngineError::Model("tokenizer.ggml.merges holds a non-string".into()))?;
         let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
-        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false,
-                                 "trim_offsets": false, "use_regex": false});
-        let split = |regex: &str| {
-            json!({"type": "Split", "pattern": {"Regex": regex},
-                                         "behavior": "Isolated", "invert": false})
+        let split = |regex: &str| -> Result<PreTokenizerWrapper> {
+            Ok(Split::new(
+                SplitPattern::Regex(regex.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| EngineError::Model(format!("bad pre-tokenizer pattern: {e}")))?
+            .into())
         };
-        let pre_tokenizer = match pre {
+        let byte_level: PreTokenizerWrapper = ByteLevel::new(false, false, false).into();
+        let digits: PreTokenizerWrapper = Digits::new(true).into();
+        let steps = match pre {
             "default" | "gpt2" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "jais" => {
-                json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level]})
+                vec![split(GPT2_SPLIT)?, byte_level]
             }
             "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva-7b" => json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, split(GPT2_SPLIT), byte_level]}),
+            | "minerva-7b" => vec![digits, split(GPT2_SPLIT)?, byte_level],
             "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" => {
-                json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level]})
+                vec![split(LLAMA3_SPLIT)?, byte_level]
             }
-            "qwen2" | "deepseek-r1-qwen" => {
-                json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level]})
-            }
+            "qwen2" | "deepseek-r1-qwen" => vec![split(QWEN2_SPLIT)?, byte_level],
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "pre-tokenizer {other:?} (tokenizer.ggml.pre) is not supported yet"
                 )));
             }
         };
-        let vocab: serde_json::Map<String, serde_json::Value> = texts
+        // Built directly (not through tokenizer.json) to keep the peak memory down.
+        let mut vocab: ahash::AHashMap<String, u32> = ahash::AHashMap::with_capacity(texts.len());
+        for (i, t) in texts.iter().enumerate() {
+            vocab.insert(t.clone(), i as u32);
+        }
+        let mut pairs = Vec::with_capacity(merges.len());
+        for m in &merges {
+            let (a, b) = m.split_once(' ').ok_or_else(|| {
+                EngineError::Model(format!("merge {m:?} in tokenizer.ggml.merges has no space"))
+            })?;
+            pairs.push((a.to_string(), b.to_string()));
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, pairs)
+            .build()
+            .map_err(|e| EngineError::Model(format!("the GGUF vocabulary is unusable: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(Sequence::new(steps)));
+        let added: Vec<AddedToken> = types
             .iter()
             .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
-        let added: Vec<serde_json::Value> = types
-            .iter()
-            .enumerate()
-            .filter(|&(_, &t)| t == TYPE_CONTROL || t == TYPE_USER_DEFINED)
+            .filter(|&(i, &t)| (t == TYPE_CONTROL || t == TYPE_USER_DEFINED) && i < texts.len())
             .map(|(i, &t)| {
-                json!({"id": i, "content": texts[i], "single_word": false, "lstrip": false,
-                       "rstrip": false, "normalized": false, "special": t == TYPE_CONTROL})
+                AddedToken::from(texts[i].clone(), t == TYPE_CONTROL)
+                    .single_word(false)
+                    .lstrip(false)
+                    .rstrip(false)
+                    .normalized(false)
             })
             .collect();
-        let spec = json!({
-            "version": "1.0",
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
-                        "use_regex": false},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null,
-                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
-        let inner = tokenizers::Tokenizer::from_bytes(spec.to_string().as_bytes())
-            .map_err(|e| EngineError::Model(format!("the GGUF vocabulary is unusable: {e}")))?;
+        inner.add_special_tokens(&added);
         let decode = byte_decoder();
         let bytes = texts
             .iter()
