@@ -376,9 +376,11 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             self.rms_norm(&x, &layer.attn_norm, &mut h);
             let qh = self.quantize(&h, d, &mut qbuf);
-            self.matmul(&h, qh, &layer.q, &mut q);
-            self.matmul(&h, qh, &layer.k, &mut k);
-            self.matmul(&h, qh, &layer.v, &mut v);
+            self.matmuls(
+                &h,
+                qh,
+                [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+            );
             self.rope(&mut q, c.heads, &positions);
             self.rope(&mut k, c.kv_heads, &positions);
             for (i, &(s, _, _)) in rows.iter().enumerate() {
@@ -415,8 +417,7 @@ impl Llama {
             add(&mut x, &tmp);
             self.rms_norm(&x, &layer.ffn_norm, &mut h);
             let qh = self.quantize(&h, d, &mut qbuf);
-            self.matmul(&h, qh, &layer.gate, &mut gate);
-            self.matmul(&h, qh, &layer.up, &mut up);
+            self.matmuls(&h, qh, [(&layer.gate, &mut gate), (&layer.up, &mut up)]);
             self.swiglu(&mut gate, &up);
             let qg = self.quantize(&gate, c.ffn_dim, &mut qbuf);
             self.matmul(&gate, qg, &layer.down, &mut tmp);
@@ -553,6 +554,41 @@ impl Llama {
             });
         }
         buf
+    }
+
+    /// Several matmuls of the same input; for one token, their row chunks are spread over
+    /// the pool in one go (one hand-out instead of one per matrix).
+    fn matmuls<const N: usize>(&self, x: &[f32], qx: &[Q8Block], jobs: [(&Matrix, &mut [f32]); N]) {
+        let all_quant = jobs
+            .iter()
+            .all(|(m, _)| matches!(m.data, MatData::Quant { .. }));
+        let n = x.len() / jobs[0].0.cols;
+        if n != 1 || !all_quant || self.pool.threads() == 1 {
+            for (m, out) in jobs {
+                self.matmul(x, qx, m, out);
+            }
+            return;
+        }
+        let total: usize = jobs.iter().map(|(m, _)| m.rows).sum();
+        let per = total
+            .div_ceil(self.pool.threads() * 4)
+            .next_multiple_of(4)
+            .max(4);
+        let mut tasks = Vec::new();
+        for (m, out) in jobs {
+            let MatData::Quant { ty, offset } = m.data else {
+                unreachable!("checked above")
+            };
+            let nb = m.cols / QK;
+            let stride = nb * ty.block_bytes();
+            for (ci, o) in out.chunks_mut(per).enumerate() {
+                tasks.push((ty, offset + ci * per * stride, stride, nb, o));
+            }
+        }
+        self.pool.map(tasks, |(ty, at, stride, nb, o)| {
+            let w = &self.map[at..at + o.len() * stride];
+            quant::matmul_rows(ty, w, stride, o.len(), qx, nb, o);
+        });
     }
 
     /// `out[t][r] = dot(x row t, m row r)`.
