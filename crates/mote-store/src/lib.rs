@@ -23,7 +23,7 @@ mod store;
 pub use digest::Digest;
 pub use error::{Result, StoreError};
 pub use import::ImportOptions;
-pub use reference::{Reference, TagRef};
+pub use reference::{Reference, ReferenceError, TagRef};
 pub use settings::{ImageSettings, Pooling, Settings, Task, TextSettings};
 pub use store::{
     GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, Mapped, ModelFile, ModelInfo,

@@ -31,6 +31,8 @@ enum Command {
     Run(crate::run::RunArgs),
     /// Chat with a language model (its own chat template): one message per line on stdin.
     Chat(crate::generate::ChatArgs),
+    /// Serve models over HTTP: OpenAI and KServe v2 endpoints, metrics.
+    Serve(crate::serve::ServeArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -179,6 +181,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Import(args) => import(&store, args),
         Command::Run(args) => crate::run::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
+        Command::Serve(args) => crate::serve::run(&store, args),
         Command::Ls(j) => ls(&store, j.json),
         Command::Inspect { reference, json } => inspect(&store, &reference, json.json),
         Command::Verify {

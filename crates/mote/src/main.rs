@@ -5,6 +5,7 @@ mod cli;
 mod generate;
 mod output;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 

@@ -101,21 +101,6 @@ pub struct Llm {
     chat_template: Option<String>,
 }
 
-/// One sequence being generated (state of [`Llm::generate_batch`]).
-struct Active<'a> {
-    seq: Sequence,
-    sampler: Sampler,
-    options: &'a GenerateOptions,
-    generated: Vec<u32>,
-    text: String,
-    stream: TextStream,
-    sent: usize,
-    finish: Option<FinishReason>,
-    next: Option<u32>,
-    prompt_ms: f64,
-    started: Instant,
-}
-
 impl Llm {
     /// Load from a mapped GGUF file.
     pub fn load(map: Arc<Mapped>, pool: ThreadPool) -> Result<Llm> {
@@ -202,143 +187,241 @@ impl Llm {
         on_text: &mut dyn FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generation>> {
         assert_eq!(prompts.len(), options.len(), "one options per prompt");
-        let context = self.model.config().context;
+        let mut decoder = BatchDecoder::new(self);
         for (p, o) in prompts.iter().zip(options) {
-            if p.is_empty() {
-                return Err(EngineError::input(
-                    "the prompt is empty; give at least one token of text",
-                ));
-            }
-            o.sampling.validate().map_err(EngineError::input)?;
-            if p.len() >= context {
-                return Err(EngineError::input(format!(
-                    "the prompt has {} tokens, more than the model's context of {context}; \
-                     shorten it",
-                    p.len()
-                )));
+            decoder.add(p, o.clone())?;
+        }
+        let mut done: Vec<Option<Generation>> = vec![None; prompts.len()];
+        while !decoder.is_idle() {
+            for (id, g) in decoder.step(on_text)? {
+                done[id] = Some(g);
             }
         }
-        let mut active: Vec<Active> = options
-            .iter()
-            .map(|o| Active {
-                seq: self.model.sequence(),
-                sampler: Sampler::new(o.sampling.clone()),
-                options: o,
-                generated: Vec::new(),
-                text: String::new(),
-                stream: TextStream::default(),
-                sent: 0,
-                finish: (o.max_tokens == 0).then_some(FinishReason::Length),
-                next: None,
-                prompt_ms: 0.0,
-                started: Instant::now(),
-            })
-            .collect();
-        // Prompts, in chunks, all sequences in each pass.
-        let t0 = Instant::now();
-        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let mut at = 0;
-        while at < longest {
-            let mut seqs: Vec<&mut Sequence> = Vec::new();
-            let mut toks: Vec<&[u32]> = Vec::new();
-            let mut which = Vec::new();
-            for (i, (a, p)) in active.iter_mut().zip(prompts).enumerate() {
-                if at < p.len() {
-                    seqs.push(&mut a.seq);
-                    toks.push(&p[at..p.len().min(at + PROMPT_CHUNK)]);
-                    which.push(i);
-                }
-            }
-            let logits = self.model.forward(&mut seqs, &toks, false)?;
-            for (i, l) in which.into_iter().zip(logits) {
-                let a = &mut active[i];
-                if a.seq.len() == prompts[i].len() {
-                    a.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
-                    a.started = Instant::now();
-                    if a.finish.is_none() {
-                        let t = a.sampler.sample(&l, &a.seq.tokens);
-                        a.next = Some(t);
-                    }
-                }
-            }
-            at += PROMPT_CHUNK;
+        Ok(done
+            .into_iter()
+            .map(|g| g.expect("every sequence finishes"))
+            .collect())
+    }
+}
+
+/// One sequence in a [`BatchDecoder`].
+struct Slot {
+    id: usize,
+    prompt: Vec<u32>,
+    seq: Sequence,
+    sampler: Sampler,
+    options: GenerateOptions,
+    generated: Vec<u32>,
+    text: String,
+    stream: TextStream,
+    sent: usize,
+    finish: Option<FinishReason>,
+    /// Sampled, not yet emitted.
+    pending: Option<u32>,
+    /// Emitted, to be fed to the model in the next decoding step.
+    feed: Option<u32>,
+    prompt_ms: f64,
+    started: Instant,
+}
+
+/// Continuous batching: sequences join between steps, every step advances all of them in
+/// shared forward passes, and finished ones leave. A sequence's tokens do not depend on
+/// which others share its steps.
+pub struct BatchDecoder<'a> {
+    llm: &'a Llm,
+    waiting: Vec<Slot>,
+    active: Vec<Slot>,
+    next_id: usize,
+}
+
+impl<'a> BatchDecoder<'a> {
+    /// An empty decoder.
+    pub fn new(llm: &'a Llm) -> Self {
+        BatchDecoder {
+            llm,
+            waiting: Vec::new(),
+            active: Vec::new(),
+            next_id: 0,
         }
-        // Decode: every unfinished sequence takes its sampled token, then one shared pass.
-        loop {
-            for (i, a) in active.iter_mut().enumerate() {
-                let Some(t) = a.next.take() else { continue };
-                a.generated.push(t);
-                if a.options.stop_at_end && self.tokenizer.is_end(t) {
-                    a.finish = Some(FinishReason::Stop);
-                } else {
-                    let piece = a.stream.push(self.tokenizer.token_bytes(t));
-                    a.text.push_str(&piece);
-                    if let Some(cut) = find_stop(&a.text, &a.options.stop) {
-                        a.text.truncate(cut);
-                        a.finish = Some(FinishReason::Stop);
-                    } else if a.generated.len() >= a.options.max_tokens {
-                        a.text.push_str(&a.stream.finish());
-                        a.finish = Some(FinishReason::Length);
+    }
+
+    /// Queue a prompt; returns its id (ids count up from 0 in order of addition).
+    pub fn add(&mut self, prompt: &[u32], options: GenerateOptions) -> Result<usize> {
+        let context = self.llm.model.config().context;
+        if prompt.is_empty() {
+            return Err(EngineError::input(
+                "the prompt is empty; give at least one token of text",
+            ));
+        }
+        options.sampling.validate().map_err(EngineError::input)?;
+        if prompt.len() >= context {
+            return Err(EngineError::input(format!(
+                "the prompt has {} tokens, more than the model's context of {context}; \
+                 shorten it",
+                prompt.len()
+            )));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push(Slot {
+            id,
+            prompt: prompt.to_vec(),
+            seq: self.llm.model.sequence(),
+            sampler: Sampler::new(options.sampling.clone()),
+            finish: (options.max_tokens == 0).then_some(FinishReason::Length),
+            options,
+            generated: Vec::new(),
+            text: String::new(),
+            stream: TextStream::default(),
+            sent: 0,
+            pending: None,
+            feed: None,
+            prompt_ms: 0.0,
+            started: Instant::now(),
+        });
+        Ok(id)
+    }
+
+    /// True when nothing is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.active.is_empty()
+    }
+
+    /// Sequences running or waiting.
+    pub fn len(&self) -> usize {
+        self.waiting.len() + self.active.len()
+    }
+
+    /// True when no sequence is running or waiting.
+    pub fn is_empty(&self) -> bool {
+        self.is_idle()
+    }
+
+    /// Drop a sequence (its client went away).
+    pub fn cancel(&mut self, id: usize) {
+        self.waiting.retain(|s| s.id != id);
+        self.active.retain(|s| s.id != id);
+    }
+
+    /// One step: process the prompts of waiting sequences (if any), else decode one token
+    /// for every running sequence. `on_text(id, piece)` streams text; returning `false`
+    /// cancels that sequence. Returns the sequences that finished.
+    pub fn step(
+        &mut self,
+        on_text: &mut dyn FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<(usize, Generation)>> {
+        let model = &self.llm.model;
+        if !self.waiting.is_empty() {
+            let mut fresh = std::mem::take(&mut self.waiting);
+            let t0 = Instant::now();
+            let longest = fresh.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
+            let mut at = 0;
+            while at < longest {
+                let mut seqs: Vec<&mut Sequence> = Vec::new();
+                let mut toks: Vec<&[u32]> = Vec::new();
+                let mut which = Vec::new();
+                for (i, s) in fresh.iter_mut().enumerate() {
+                    if at < s.prompt.len() {
+                        let end = s.prompt.len().min(at + PROMPT_CHUNK);
+                        toks.push(&s.prompt[at..end]);
+                        seqs.push(&mut s.seq);
+                        which.push(i);
                     }
                 }
-                // Send what can no longer become part of a stop string.
-                let safe = if a.finish.is_some() {
-                    a.text.len()
-                } else {
-                    held_back(&a.text, &a.options.stop)
-                };
-                if safe > a.sent {
-                    let go = on_text(i, &a.text[a.sent..safe]);
-                    a.sent = safe;
-                    if !go && a.finish.is_none() {
-                        a.finish = Some(FinishReason::Cancelled);
+                let logits = model.forward(&mut seqs, &toks, false)?;
+                for (i, l) in which.into_iter().zip(logits) {
+                    let s = &mut fresh[i];
+                    if s.seq.len() == s.prompt.len() {
+                        s.prompt_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        s.started = Instant::now();
+                        if s.finish.is_none() {
+                            s.pending = Some(s.sampler.sample(&l, &s.seq.tokens));
+                        }
                     }
                 }
-                if a.finish.is_none() {
-                    a.next = Some(t);
-                }
+                at += PROMPT_CHUNK;
             }
+            self.active.extend(fresh);
+        } else {
+            let context = model.config().context;
             let mut seqs: Vec<&mut Sequence> = Vec::new();
             let mut toks: Vec<[u32; 1]> = Vec::new();
             let mut which = Vec::new();
-            for (i, a) in active.iter_mut().enumerate() {
-                if let Some(t) = a.next {
+            for (i, s) in self.active.iter_mut().enumerate() {
+                if let Some(t) = s.feed.take() {
+                    if s.seq.len() + 1 > context {
+                        s.finish = Some(FinishReason::Length);
+                        continue;
+                    }
                     toks.push([t]);
-                    seqs.push(&mut a.seq);
+                    seqs.push(&mut s.seq);
                     which.push(i);
                 }
             }
-            if which.is_empty() {
-                break;
-            }
-            for (s, &i) in seqs.iter().zip(&which) {
-                if s.len() + 1 > context {
-                    return Err(EngineError::input(format!(
-                        "sequence {i} reached the model's context of {context} tokens; lower \
-                         max_tokens or shorten the prompt"
-                    )));
+            if !which.is_empty() {
+                let tok_refs: Vec<&[u32]> = toks.iter().map(|t| t.as_slice()).collect();
+                let logits = model.forward(&mut seqs, &tok_refs, false)?;
+                for (i, l) in which.into_iter().zip(logits) {
+                    let s = &mut self.active[i];
+                    s.pending = Some(s.sampler.sample(&l, &s.seq.tokens));
                 }
             }
-            let tok_refs: Vec<&[u32]> = toks.iter().map(|t| t.as_slice()).collect();
-            let logits = self.model.forward(&mut seqs, &tok_refs, false)?;
-            for (i, l) in which.into_iter().zip(logits) {
-                let a = &mut active[i];
-                let t = a.sampler.sample(&l, &a.seq.tokens);
-                a.next = Some(t);
+        }
+        // Take each sequence's new token: text, stop checks, streaming.
+        let tok = &self.llm.tokenizer;
+        for s in &mut self.active {
+            let Some(t) = s.pending.take() else { continue };
+            s.generated.push(t);
+            if s.options.stop_at_end && tok.is_end(t) {
+                s.finish = Some(FinishReason::Stop);
+            } else {
+                let piece = s.stream.push(tok.token_bytes(t));
+                s.text.push_str(&piece);
+                if let Some(cut) = find_stop(&s.text, &s.options.stop) {
+                    s.text.truncate(cut);
+                    s.finish = Some(FinishReason::Stop);
+                } else if s.generated.len() >= s.options.max_tokens {
+                    s.text.push_str(&s.stream.finish());
+                    s.finish = Some(FinishReason::Length);
+                }
+            }
+            let safe = if s.finish.is_some() {
+                s.text.len()
+            } else {
+                held_back(&s.text, &s.options.stop)
+            };
+            if safe > s.sent {
+                let go = on_text(s.id, &s.text[s.sent..safe]);
+                s.sent = safe;
+                if !go && s.finish.is_none() {
+                    s.finish = Some(FinishReason::Cancelled);
+                }
+            }
+            if s.finish.is_none() {
+                s.feed = Some(t);
             }
         }
-        Ok(active
-            .into_iter()
-            .zip(prompts)
-            .map(|(a, p)| Generation {
-                prompt_tokens: p.to_vec(),
-                tokens: a.generated,
-                text: a.text,
-                finish_reason: a.finish.unwrap_or(FinishReason::Length),
-                prompt_ms: a.prompt_ms,
-                generate_ms: a.started.elapsed().as_secs_f64() * 1e3,
-            })
-            .collect())
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.active.len() {
+            if self.active[i].finish.is_some() {
+                let s = self.active.swap_remove(i);
+                done.push((
+                    s.id,
+                    Generation {
+                        prompt_tokens: s.prompt,
+                        tokens: s.generated,
+                        text: s.text,
+                        finish_reason: s.finish.unwrap_or(FinishReason::Length),
+                        prompt_ms: s.prompt_ms,
+                        generate_ms: s.started.elapsed().as_secs_f64() * 1e3,
+                    },
+                ));
+            } else {
+                i += 1;
+            }
+        }
+        Ok(done)
     }
 }
 

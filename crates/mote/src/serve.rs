@@ -1,0 +1,112 @@
+//! `mote serve`: the model server (see `mote-serve`), with its start journaled.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use mote_serve::worker::BatchLimits;
+use mote_serve::{ServeOptions, load, serve};
+use mote_store::Store;
+use serde_json::json;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Models to serve: `name[:tag]` or `sha256:<hex>` (each pinned to its digest at start).
+    #[arg(required = true)]
+    references: Vec<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Engine threads shared by all models (default: $MOTE_THREADS, else physical cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Most items (texts, images) or sequences per engine step.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    max_batch_items: usize,
+    /// Most text per batch, in tokens (approximated as 4 bytes a token).
+    #[arg(long, default_value_t = 16384, value_name = "N")]
+    max_batch_tokens: usize,
+    /// Wait up to this long for more requests when the queue runs dry (0 = never wait).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    max_wait_ms: u64,
+    /// Requests queued per model before answering 429.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_queue: usize,
+    /// Require `Authorization: Bearer KEY` (health endpoints stay open).
+    #[arg(long, env = "MOTE_API_KEY", value_name = "KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Largest request body, in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    max_body_mib: usize,
+    /// Per-request time limit, in seconds.
+    #[arg(long, default_value_t = 300, value_name = "S")]
+    timeout_s: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    eprintln!("shutting down: finishing requests in flight");
+}
+
+pub fn run(store: &Store, a: ServeArgs) -> Result<ExitCode> {
+    if a.max_queue == 0 || a.max_batch_items == 0 {
+        bail!("--max-queue and --max-batch-items must be at least 1");
+    }
+    let options = ServeOptions {
+        addr: a.addr,
+        threads: a.threads,
+        limits: BatchLimits {
+            max_items: a.max_batch_items,
+            max_text_bytes: a.max_batch_tokens.saturating_mul(4),
+            max_wait: Duration::from_millis(a.max_wait_ms),
+            max_queue: a.max_queue,
+        },
+        api_key: a.api_key.clone(),
+        max_body: a.max_body_mib << 20,
+        timeout: Duration::from_secs(a.timeout_s.max(1)),
+    };
+    let state = load(store, &a.references, options)?;
+    for m in &state.models {
+        let digest = m.digest.parse().ok();
+        store
+            .record(
+                "serve",
+                digest,
+                json!({"reference": m.reference, "name": m.name, "addr": a.addr.to_string()}),
+            )
+            .with_context(|| format!("cannot journal the start of serving {}", m.reference))?;
+        eprintln!(
+            "serving {} as {:?} ({}, {})",
+            m.reference, m.name, m.task, m.digest
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(state, shutdown_signal(), |addr| {
+        eprintln!("listening on http://{addr}");
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
