@@ -14,6 +14,14 @@ fi
 
 scripts/fetch-models.sh
 
+# Real Python clients (openai, tritonclient) for the server's end-to-end tests.
+if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import openai, tritonclient.http" 2>/dev/null; then
+  echo "test.sh: installing the Python clients of the server tests into target/pyenv"
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-e2e.txt
+fi
+export MOTE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo test --workspace --doc --quiet >/dev/null
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -569,7 +569,21 @@ fn v2_inputs(m: &Served) -> (Value, Value) {
             bytes("text_input"),
             json!([{"name": "text_output", "datatype": "BYTES", "shape": [-1]}]),
         ),
-        _ => (json!([]), json!([])),
+        _ => match m.model.pipeline(Some(Task::Tensor)) {
+            Ok(mote_engine::Pipeline::Tensor(p)) => {
+                let specs = |v: &[mote_engine::backend::TensorSpec]| -> Value {
+                    v.iter()
+                        .map(|s| {
+                            let shape: Vec<i64> =
+                                s.shape.iter().map(|d| d.map_or(-1, |d| d as i64)).collect();
+                            json!({"name": s.name, "datatype": s.dtype.kserve_name(), "shape": shape})
+                        })
+                        .collect()
+                };
+                (specs(p.inputs()), specs(p.outputs()))
+            }
+            _ => (json!([]), json!([])),
+        },
     }
 }
 

@@ -1,0 +1,294 @@
+//! `mote serve` end to end: the real binary on loopback, driven by the real `openai` and
+//! `tritonclient` Python packages (installed by scripts/test.sh into target/pyenv), results
+//! compared with `mote run`; overload behaviour with many concurrent raw HTTP clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// The Python with `openai` and `tritonclient` (scripts/test.sh sets MOTE_TEST_PYTHON).
+fn python() -> PathBuf {
+    let p = std::env::var_os("MOTE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python")
+        });
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/test.sh (it creates the venv with the openai and \
+         tritonclient packages), or set MOTE_TEST_PYTHON",
+        p.display()
+    );
+    p
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(store: &Path, args: &[&str]) -> Server {
+        let mut child = mote(store)
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server prints its address before exiting")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SIGTERM: in-flight requests are finished, then exit 0.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A bare HTTP/1.1 request; returns (status, headers, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn f32_bits(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| (x.as_f64().unwrap() as f32).to_bits())
+        .collect()
+}
+
+#[test]
+fn real_clients_get_what_mote_run_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let minilm = import(&store, &minilm_dir(), "minilm", &[]);
+    let smollm = import(&store, &smollm2_gguf(), "smollm2", &[]);
+    import(
+        &store,
+        &shared_models().join("mobilenetv2.onnx"),
+        "mobilenet",
+        &[],
+    );
+    let server = Server::start(
+        &store,
+        &["minilm", "smollm2", "mobilenet", "--threads", "2"],
+    );
+    let out = dir.path().join("clients.json");
+    let input = shared_models().join("ref/mobilenet_input.npy");
+    let status = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/clients.py"))
+        .arg(format!("http://{}", server.addr))
+        .arg(&out)
+        .arg(&input)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the Python clients failed");
+    let got: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+
+    assert_eq!(
+        got["models"],
+        serde_json::json!(["minilm", "mobilenet", "smollm2"])
+    );
+    assert_eq!(got["digest_header"], minilm.as_str());
+    // Embeddings: bit for bit what `mote run` gives.
+    let texts = [
+        "How do I reset my password?",
+        "The weather is lovely today.",
+        "ok",
+    ];
+    let mut cmd = mote(&store);
+    cmd.args(["run", "minilm", "--json"]);
+    for t in texts {
+        cmd.args(["--text", t]);
+    }
+    let run: serde_json::Value = serde_json::from_str(&ok(&mut cmd)).unwrap();
+    for (i, e) in got["embeddings"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(
+            f32_bits(e),
+            f32_bits(&run["results"][i]["vector"]),
+            "text {i}"
+        );
+    }
+    assert_eq!(
+        f32_bits(&got["embedding_base64_first"]),
+        f32_bits(&run["results"][0]["vector"])
+    );
+    // Chat: coherent, and streaming gives the same text in pieces.
+    let chat = got["chat"].as_str().unwrap();
+    assert!(chat.contains('4'), "{chat:?}");
+    assert_eq!(got["chat_stream"], got["chat"]);
+    assert!(got["chat_stream_pieces"].as_u64().unwrap() > 1);
+    assert_eq!(got["chat_finish"], "stop");
+    // Completion: what `mote run --prompt` prints.
+    let run: serde_json::Value = serde_json::from_str(&ok(mote(&store).args([
+        "run",
+        "smollm2",
+        "--prompt",
+        "The three primary colors are",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(got["completion"], run["text"]);
+    assert_eq!(run["model"]["digest"], smollm.as_str());
+    assert!(
+        got["unknown_model"].as_str().unwrap().contains("no model"),
+        "{}",
+        got["unknown_model"]
+    );
+    // tritonclient: health, metadata, MobileNetV2 logits equal to `mote run`'s.
+    assert_eq!(got["server_live"], true);
+    assert_eq!(got["server_ready"], true);
+    assert_eq!(got["server_metadata"]["name"], "mote");
+    assert_eq!(got["model_metadata"]["inputs"][0]["name"], "input");
+    let run: serde_json::Value = serde_json::from_str(&ok(mote(&store).args([
+        "run",
+        "mobilenet",
+        "--tensor",
+        &format!("input={}", input.display()),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(
+        f32_bits(&got["mobilenet_logits"]),
+        f32_bits(&run["results"][0]["data"])
+    );
+    // Metrics name the digests and count the requests.
+    let (status, _, metrics) = http(&server.addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(metrics.contains(&format!(
+        "mote_model_info{{model=\"minilm\",digest=\"{minilm}\"}} 1"
+    )));
+    assert!(
+        metrics.contains(
+            "mote_requests_total{model=\"minilm\",endpoint=\"embeddings\",status=\"200\"}"
+        )
+    );
+    assert!(metrics.contains("mote_tokens_generated_total{model=\"smollm2\"}"));
+    assert!(server.stop().success(), "SIGTERM must drain and exit 0");
+}
+
+#[test]
+fn overload_gets_429_and_the_server_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    import(&store, &minilm_dir(), "minilm", &[]);
+    let server = Server::start(
+        &store,
+        &[
+            "minilm",
+            "--max-queue",
+            "4",
+            "--max-batch-items",
+            "2",
+            "--threads",
+            "1",
+        ],
+    );
+    let long = "word ".repeat(200);
+    let body = serde_json::json!({"model": "minilm", "input": vec![long; 8]}).to_string();
+    let rss_before = server.rss_kib();
+    let results: Vec<(u16, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|_| {
+                s.spawn(|| {
+                    let (status, head, _) = http(&server.addr, "POST", "/v1/embeddings", &body);
+                    (status, head)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let busy: Vec<&String> = results
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, h)| h)
+        .collect();
+    eprintln!(
+        "64 concurrent requests: {ok} answered, {} refused with 429",
+        busy.len()
+    );
+    assert_eq!(ok + busy.len(), 64, "only 200 or 429: {results:?}");
+    assert!(ok >= 1 && !busy.is_empty(), "{ok} ok, {} busy", busy.len());
+    assert!(
+        busy.iter()
+            .all(|h| h.to_ascii_lowercase().contains("retry-after: 1")),
+        "429 without Retry-After"
+    );
+    let (status, _, _) = http(&server.addr, "GET", "/v2/health/ready", "");
+    assert_eq!(status, 200);
+    let (status, _, _) = http(
+        &server.addr,
+        "POST",
+        "/v1/embeddings",
+        r#"{"model":"minilm","input":"still here"}"#,
+    );
+    assert_eq!(status, 200);
+    let grown = server.rss_kib().saturating_sub(rss_before);
+    eprintln!("RSS growth over the burst: {grown} KiB");
+    assert!(grown < 256 * 1024, "RSS grew by {grown} KiB");
+    // Bad requests get clear errors, not crashes.
+    let (status, _, body) = http(&server.addr, "POST", "/v1/embeddings", "{not json");
+    assert_eq!(status, 400, "{body}");
+    let (status, _, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/embeddings",
+        r#"{"model":"minilm","input":[]}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(server.stop().success());
+}
