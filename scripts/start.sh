@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build mote, fetch the default models, import them into the store ($MOTE_HOME, default
-# ~/.local/share/mote), show what is there and embed a sentence. (Once the server lands,
-# this starts it.)
+# ~/.local/share/mote), verify them, then serve them on $MOTE_ADDR (default 127.0.0.1:8080):
+# OpenAI endpoints (/v1/embeddings, /v1/chat/completions, ...), KServe v2 (/v2/...), /metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,5 +18,6 @@ if [ -f "$shared/mobilenetv2.onnx" ]; then
 fi
 "$mote" verify --all
 "$mote" ls
-"$mote" inspect minilm
-"$mote" run minilm --text "mote runs small models on CPUs, from verified artifacts."
+served=(minilm smollm2)
+if [ -f "$shared/mobilenetv2.onnx" ]; then served+=(mobilenetv2); fi
+exec "$mote" serve "${served[@]}" --addr "${MOTE_ADDR:-127.0.0.1:8080}"
