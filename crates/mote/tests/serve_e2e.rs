@@ -29,8 +29,18 @@ fn python() -> PathBuf {
 }
 
 struct Server {
-    child: Child,
+    child: Option<Child>,
     addr: String,
+}
+
+impl Drop for Server {
+    /// A failing test must not leave its server running.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 impl Server {
@@ -55,19 +65,27 @@ impl Server {
         };
         // Keep draining stderr so the server never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        Server {
+            child: Some(child),
+            addr,
+        }
     }
 
     fn stop(mut self) -> std::process::ExitStatus {
         // SIGTERM: in-flight requests are finished, then exit 0.
+        let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status();
-        self.child.wait().unwrap()
+        child.wait().unwrap()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .unwrap_or_default()
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
