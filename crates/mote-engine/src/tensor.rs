@@ -211,6 +211,22 @@ impl Tensor {
         Tensor::new(shape, data)
     }
 
+    /// The tensor as a KServe v2 / Open Inference Protocol JSON tensor (`name`, `datatype`,
+    /// `shape`, flat `data`), as `mote run --json` and the server print it.
+    pub fn to_kserve_json(&self, name: &str) -> serde_json::Value {
+        use serde_json::json;
+        let data = match self.data() {
+            TensorData::F32(v) => json!(v),
+            TensorData::F64(v) => json!(v),
+            TensorData::I64(v) => json!(v),
+            TensorData::I32(v) => json!(v),
+            TensorData::U8(v) => json!(v),
+            TensorData::I8(v) => json!(v),
+            TensorData::Bool(v) => json!(v),
+        };
+        json!({"name": name, "datatype": self.dtype().kserve_name(), "shape": self.shape(), "data": data})
+    }
+
     /// Fail on the first NaN or infinity, naming its position.
     pub fn check_finite(&self, name: &str) -> Result<()> {
         let bad = match &self.data {

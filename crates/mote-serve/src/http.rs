@@ -808,19 +808,6 @@ fn v2_bytes(t: &V2Tensor, binary: &mut Bytes) -> Result<Vec<Vec<u8>>, Failure> {
         .collect()
 }
 
-fn v2_output(name: &str, t: &Tensor) -> Value {
-    let data = match t.data() {
-        TensorData::F32(v) => json!(v),
-        TensorData::F64(v) => json!(v),
-        TensorData::I64(v) => json!(v),
-        TensorData::I32(v) => json!(v),
-        TensorData::U8(v) => json!(v),
-        TensorData::I8(v) => json!(v),
-        TensorData::Bool(v) => json!(v),
-    };
-    json!({"name": name, "datatype": t.dtype().kserve_name(), "shape": t.shape(), "data": data})
-}
-
 async fn v2_infer(
     AxState(st): AxState<Shared>,
     Path(name): Path<String>,
@@ -886,7 +873,7 @@ async fn v2_infer(
                 let Output::Tensors(ts) = run_pipeline(m, Input::Tensors(tensors)).await? else {
                     return Err(Failure::bad("no tensors"));
                 };
-                ts.iter().map(|(n, t)| v2_output(n, t)).collect()
+                ts.iter().map(|(n, t)| t.to_kserve_json(n)).collect()
             }
         };
         let mut resp = json!({"model_name": m.name, "model_version": "1", "outputs": outputs,

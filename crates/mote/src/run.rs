@@ -230,7 +230,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
             Output::Embeddings(e) => serde_json::to_value(e)?,
             Output::Classes(c) => serde_json::to_value(c)?,
             Output::Tensors(ts) => {
-                serde_json::Value::Array(ts.iter().map(|(n, t)| tensor_json(n, t)).collect())
+                serde_json::Value::Array(ts.iter().map(|(n, t)| t.to_kserve_json(n)).collect())
             }
         };
         crate::output::json(&json!({
@@ -306,17 +306,4 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
         timings.postprocess.as_secs_f64() * 1e3
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn tensor_json(name: &str, t: &Tensor) -> serde_json::Value {
-    let data = match t.data() {
-        TensorData::F32(v) => json!(v),
-        TensorData::F64(v) => json!(v),
-        TensorData::I64(v) => json!(v),
-        TensorData::I32(v) => json!(v),
-        TensorData::U8(v) => json!(v),
-        TensorData::I8(v) => json!(v),
-        TensorData::Bool(v) => json!(v),
-    };
-    json!({ "name": name, "datatype": t.dtype().kserve_name(), "shape": t.shape(), "data": data })
 }
