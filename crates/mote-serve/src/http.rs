@@ -51,6 +51,7 @@ pub fn router(state: Shared) -> Router {
             post(v2_infer_version),
         )
         .route("/metrics", get(metrics))
+        .route("/admin/reload", post(admin_reload))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -190,9 +191,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Failure> {
     })
 }
 
-fn model<'a>(st: &'a State, name: &str) -> Result<&'a Served, Failure> {
+fn model(st: &State, name: &str) -> Result<Arc<Served>, Failure> {
     st.find(name).ok_or_else(|| {
-        let names: Vec<&str> = st.models.iter().map(|m| m.name.as_str()).collect();
+        let names: Vec<String> = st.models().iter().map(|m| m.name.clone()).collect();
         Failure(
             StatusCode::NOT_FOUND,
             format!(
@@ -227,7 +228,7 @@ async fn run_pipeline(m: &Served, input: Input) -> Result<Output, Failure> {
 
 async fn openai_models(AxState(st): AxState<Shared>) -> Response {
     let data: Vec<Value> = st
-        .models
+        .models()
         .iter()
         .map(|m| {
             json!({"id": m.name, "object": "model", "created": m.created, "owned_by": "mote",
@@ -267,7 +268,7 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Respons
     let result = async {
         let req: EmbeddingsRequest = parse(&body)?;
         let m = model(&st, &req.model)?;
-        served = Some(m);
+        served = Some(m.clone());
         if m.task != Task::TextEmbedding {
             return Err(Failure::bad(format!(
                 "{} is a {} model, not a text-embedding model",
@@ -289,7 +290,7 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Respons
                 )));
             }
         };
-        let Output::Embeddings(es) = run_pipeline(m, Input::Texts(texts)).await? else {
+        let Output::Embeddings(es) = run_pipeline(&m, Input::Texts(texts)).await? else {
             return Err(Failure::bad("the model did not return embeddings"));
         };
         let tokens: usize = es.iter().map(|e| e.tokens).sum();
@@ -313,7 +314,7 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Respons
         .into_response())
     }
     .await;
-    finish(&st, served, "embeddings", started, result, true)
+    finish(&st, served.as_deref(), "embeddings", started, result, true)
 }
 
 #[derive(Deserialize)]
@@ -400,11 +401,11 @@ async fn generate(st: Shared, body: Bytes, chat: bool) -> Response {
     let started = Instant::now();
     let endpoint = if chat { "chat" } else { "completions" };
     let st2 = st.clone();
-    let mut served: Option<&Served> = None;
+    let mut served: Option<Arc<Served>> = None;
     let result: Result<Response, Failure> = async {
         let req: GenRequest = parse(&body)?;
         let m = model(&st2, &req.model)?;
-        served = Some(m);
+        served = Some(m.clone());
         let (Runner::Llm(w), Some(llm)) = (&m.runner, m.model.llm()) else {
             return Err(Failure::bad(format!(
                 "{} is a {} model, not a language model",
@@ -445,7 +446,7 @@ async fn generate(st: Shared, body: Bytes, chat: bool) -> Response {
         }
     }
     .await;
-    finish(&st, served, endpoint, started, result, true)
+    finish(&st, served.as_deref(), endpoint, started, result, true)
 }
 
 async fn collect(
@@ -591,7 +592,7 @@ async fn v2_model(AxState(st): AxState<Shared>, Path(name): Path<String>) -> Res
     let started = Instant::now();
     let m = st.find(&name);
     let result = model(&st, &name).map(|m| {
-        let (inputs, outputs) = v2_inputs(m);
+        let (inputs, outputs) = v2_inputs(&m);
         axum::Json(
             json!({"name": m.name, "versions": ["1"], "platform": "mote",
                           "inputs": inputs, "outputs": outputs,
@@ -599,7 +600,7 @@ async fn v2_model(AxState(st): AxState<Shared>, Path(name): Path<String>) -> Res
         )
         .into_response()
     });
-    finish(&st, m, "v2_metadata", started, result, false)
+    finish(&st, m.as_deref(), "v2_metadata", started, result, false)
 }
 
 async fn v2_model_version(
@@ -611,7 +612,7 @@ async fn v2_model_version(
 
 async fn v2_ready(AxState(st): AxState<Shared>, Path(name): Path<String>) -> Response {
     match st.find(&name) {
-        Some(m) => with_digest(StatusCode::OK.into_response(), m),
+        Some(m) => with_digest(StatusCode::OK.into_response(), &m),
         None => v2_error(
             StatusCode::NOT_FOUND,
             &format!("no model {name:?} is served here"),
@@ -817,7 +818,10 @@ async fn v2_infer(
     let started = Instant::now();
     let served = st.find(&name);
     let result = async {
-        let m = model(&st, &name)?;
+        let m = match &served {
+            Some(m) => m.clone(),
+            None => model(&st, &name)?,
+        };
         let (json_part, mut binary) = split_binary(&headers, &body)?;
         let req: V2Request = parse(&json_part)?;
         if req.inputs.is_empty() {
@@ -831,14 +835,14 @@ async fn v2_infer(
                         .into_iter()
                         .map(|b| String::from_utf8(b).map_err(|_| Failure::bad("a text input is not UTF-8")))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let Output::Embeddings(es) = run_pipeline(m, Input::Texts(texts)).await? else {
+                    let Output::Embeddings(es) = run_pipeline(&m, Input::Texts(texts)).await? else {
                         return Err(Failure::bad("no embeddings"));
                     };
                     let dim = es.first().map_or(0, |e| e.vector.len());
                     let data: Vec<f32> = es.iter().flat_map(|e| e.vector.iter().copied()).collect();
                     vec![json!({"name": "embedding", "datatype": "FP32", "shape": [es.len(), dim], "data": data})]
                 } else {
-                    let Output::Classes(cs) = run_pipeline(m, Input::Images(items)).await? else {
+                    let Output::Classes(cs) = run_pipeline(&m, Input::Images(items)).await? else {
                         return Err(Failure::bad("no classes"));
                     };
                     let k = cs.first().map_or(0, Vec::len);
@@ -870,7 +874,7 @@ async fn v2_infer(
                     .iter()
                     .map(|t| Ok((t.name.clone(), v2_tensor(t, &mut binary)?)))
                     .collect::<Result<Vec<_>, Failure>>()?;
-                let Output::Tensors(ts) = run_pipeline(m, Input::Tensors(tensors)).await? else {
+                let Output::Tensors(ts) = run_pipeline(&m, Input::Tensors(tensors)).await? else {
                     return Err(Failure::bad("no tensors"));
                 };
                 ts.iter().map(|(n, t)| t.to_kserve_json(n)).collect()
@@ -884,7 +888,7 @@ async fn v2_infer(
         Ok(axum::Json(resp).into_response())
     }
     .await;
-    finish(&st, served, "v2_infer", started, result, false)
+    finish(&st, served.as_deref(), "v2_infer", started, result, false)
 }
 
 async fn v2_infer_version(
@@ -896,9 +900,26 @@ async fn v2_infer_version(
     v2_infer(st, Path(name), headers, body).await
 }
 
+/// Re-resolve the served tags and swap in every model whose tag moved (see [`State::reload`]).
+async fn admin_reload(AxState(st): AxState<Shared>) -> Response {
+    match tokio::task::spawn_blocking(move || st.reload()).await {
+        Ok(Ok(swapped)) => axum::Json(json!({ "swapped": swapped })).into_response(),
+        Ok(Err(e)) => openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reload failed, the models served before are still served: {e}"),
+            "reload_failed",
+        ),
+        Err(e) => openai_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("reload failed: {e}"),
+            "reload_failed",
+        ),
+    }
+}
+
 async fn metrics(AxState(st): AxState<Shared>) -> Response {
     let depths: Vec<(String, usize)> = st
-        .models
+        .models()
         .iter()
         .map(|m| {
             let d = match &m.runner {

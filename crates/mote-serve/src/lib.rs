@@ -14,7 +14,7 @@ pub mod metrics;
 pub mod worker;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use mote_engine::{EngineOptions, Model, Pipeline, ThreadPool};
@@ -95,127 +95,242 @@ pub struct Served {
 
 /// The shared state of the server.
 pub struct State {
-    /// Served models, by name.
-    pub models: Vec<Served>,
+    /// Served models, in the order given; replaced one by one on reload.
+    models: RwLock<Vec<Arc<Served>>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Settings.
     pub options: ServeOptions,
+    store: Store,
+    pool: ThreadPool,
+    /// One reload at a time.
+    reloading: Mutex<()>,
+}
+
+/// A served model whose reference now names another digest, swapped in by a reload.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Swapped {
+    /// The served name.
+    pub name: String,
+    /// The reference it follows.
+    pub reference: String,
+    /// The digest served before.
+    pub from: String,
+    /// The digest served now.
+    pub to: String,
 }
 
 impl State {
-    /// The served model called `name` (also accepted: its reference or digest).
-    pub fn find(&self, name: &str) -> Option<&Served> {
-        self.models
-            .iter()
+    /// The served model called `name` (also accepted: its reference or digest). The handle
+    /// keeps that version alive until the caller is done, even if a reload swaps it out.
+    pub fn find(&self, name: &str) -> Option<Arc<Served>> {
+        self.models()
+            .into_iter()
             .find(|m| m.name == name || m.reference == name || m.digest == name)
     }
+
+    /// The models served now.
+    pub fn models(&self) -> Vec<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The store the models come from.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Resolve every served tag again; each that now names another digest is opened,
+    /// verified and warmed up, then swapped in. Requests already holding the old version
+    /// finish on it (its worker drains its queue, then stops); new requests get the new one,
+    /// so no request fails. A model that cannot be loaded leaves the old one serving and
+    /// makes the reload fail with the reason. Each swap is journaled (`serve-reload`).
+    pub fn reload(&self) -> Result<Vec<Swapped>, ServeError> {
+        let _one = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut swapped = Vec::new();
+        for old in self.models() {
+            let reference = parse_reference(&old.reference)?;
+            if !matches!(reference, Reference::Tag(_)) {
+                continue; // a digest never moves
+            }
+            let digest = self
+                .store
+                .resolve(&reference)
+                .map_err(|e| ServeError::Model {
+                    reference: old.reference.clone(),
+                    source: Box::new(e.into()),
+                })?
+                .to_string();
+            if digest == old.digest {
+                continue;
+            }
+            let new = open_served(
+                &self.store,
+                &self.pool,
+                &old.reference,
+                &self.options.limits,
+                &self.metrics,
+            )?;
+            let new = Arc::new(new);
+            {
+                let mut models = self
+                    .models
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(slot) = models.iter_mut().find(|m| m.name == old.name) {
+                    *slot = new.clone();
+                }
+            }
+            self.metrics.model(&new.name, &new.digest);
+            let s = Swapped {
+                name: new.name.clone(),
+                reference: new.reference.clone(),
+                from: old.digest.clone(),
+                to: new.digest.clone(),
+            };
+            self.store
+                .record(
+                    "serve-reload",
+                    new.digest.parse().ok(),
+                    serde_json::json!({"reference": s.reference, "name": s.name, "from": s.from}),
+                )
+                .map_err(|e| ServeError::Model {
+                    reference: old.reference.clone(),
+                    source: Box::new(e.into()),
+                })?;
+            swapped.push(s);
+        }
+        Ok(swapped)
+    }
+}
+
+fn parse_reference(r: &str) -> Result<Reference, ServeError> {
+    r.parse()
+        .map_err(|e: mote_store::ReferenceError| ServeError::Model {
+            reference: r.to_string(),
+            source: Box::new(mote_engine::EngineError::Input(e.to_string())),
+        })
+}
+
+/// Open, verify and warm up the model `r` names, and start its worker.
+fn open_served(
+    store: &Store,
+    pool: &ThreadPool,
+    r: &str,
+    limits: &BatchLimits,
+    metrics: &Arc<Metrics>,
+) -> Result<Served, ServeError> {
+    let err = |source| ServeError::Model {
+        reference: r.to_string(),
+        source: Box::new(source),
+    };
+    let reference = parse_reference(r)?;
+    let model = Model::open(
+        store,
+        &reference,
+        &EngineOptions {
+            pool: Some(pool.clone()),
+            ..Default::default()
+        },
+    )
+    .map_err(err)?;
+    let name = match &reference {
+        Reference::Tag(t) => t.name().to_string(),
+        _ => model
+            .info()
+            .tags
+            .first()
+            .and_then(|t| t.split(':').next())
+            .map_or_else(|| model.digest().to_string(), str::to_string),
+    };
+    let digest = model.digest().to_string();
+    let model = Arc::new(model);
+    let runner = match model.llm() {
+        Some(llm) => {
+            // Warm-up: one token, so the first request does not pay for page faults.
+            let ids = llm.tokenizer().encode("Hello", false).map_err(err)?;
+            let warm = mote_engine::llm::GenerateOptions {
+                max_tokens: 1,
+                ..Default::default()
+            };
+            llm.generate(&ids, &warm, &mut |_| true).map_err(err)?;
+            Runner::Llm(LlmWorker::start(
+                name.clone(),
+                llm.clone(),
+                limits.clone(),
+                metrics.clone(),
+            ))
+        }
+        None => {
+            let pipeline = model.pipeline(None).map_err(err)?;
+            if let Pipeline::TextEmbedding(_) = &pipeline {
+                pipeline
+                    .run(mote_engine::Input::Texts(vec!["warm-up".into()]))
+                    .map_err(err)?;
+            }
+            Runner::Pipeline(PipelineWorker::start(
+                name.clone(),
+                pipeline,
+                limits.clone(),
+                metrics.clone(),
+            ))
+        }
+    };
+    Ok(Served {
+        name,
+        reference: r.to_string(),
+        digest,
+        task: model.task(),
+        model,
+        runner,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })
 }
 
 /// Open, verify and warm up every model, then build the state.
 pub fn load(
-    store: &Store,
+    store: Store,
     references: &[String],
     options: ServeOptions,
 ) -> Result<State, ServeError> {
-    let pool = ThreadPool::new(
-        mote_engine::threads::resolve_threads(options.threads).map_err(|e| ServeError::Model {
-            reference: String::new(),
-            source: Box::new(e),
-        })?,
-    )
-    .map_err(|e| ServeError::Model {
+    let engine_err = |e| ServeError::Model {
         reference: String::new(),
         source: Box::new(e),
-    })?;
+    };
+    let pool = ThreadPool::new(
+        mote_engine::threads::resolve_threads(options.threads).map_err(engine_err)?,
+    )
+    .map_err(engine_err)?;
     let metrics = Arc::new(Metrics::default());
-    let mut models: Vec<Served> = Vec::new();
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let mut models: Vec<Arc<Served>> = Vec::new();
     for r in references {
-        let err = |source| ServeError::Model {
-            reference: r.clone(),
-            source: Box::new(source),
-        };
-        let reference: Reference = r.parse().map_err(|e: mote_store::ReferenceError| {
-            err(mote_engine::EngineError::Input(e.to_string()))
-        })?;
-        let model = Model::open(
-            store,
-            &reference,
-            &EngineOptions {
-                pool: Some(pool.clone()),
-                ..Default::default()
-            },
-        )
-        .map_err(err)?;
-        let name = match &reference {
-            Reference::Tag(t) => t.name().to_string(),
-            _ => model
-                .info()
-                .tags
-                .first()
-                .and_then(|t| t.split(':').next())
-                .map_or_else(|| model.digest().to_string(), str::to_string),
-        };
-        if models.iter().any(|m| m.name == name) {
-            return Err(ServeError::DuplicateName(name));
+        let served = open_served(&store, &pool, r, &options.limits, &metrics)?;
+        if models.iter().any(|m| m.name == served.name) {
+            return Err(ServeError::DuplicateName(served.name));
         }
-        let digest = model.digest().to_string();
-        metrics.model(&name, &digest);
-        let model = Arc::new(model);
-        let runner = match model.llm() {
-            Some(llm) => {
-                // Warm-up: one token, so the first request does not pay for page faults.
-                let ids = llm.tokenizer().encode("Hello", false).map_err(err)?;
-                let warm = mote_engine::llm::GenerateOptions {
-                    max_tokens: 1,
-                    ..Default::default()
-                };
-                llm.generate(&ids, &warm, &mut |_| true).map_err(err)?;
-                Runner::Llm(LlmWorker::start(
-                    name.clone(),
-                    llm.clone(),
-                    options.limits.clone(),
-                    metrics.clone(),
-                ))
-            }
-            None => {
-                let pipeline = model.pipeline(None).map_err(err)?;
-                if let Pipeline::TextEmbedding(_) = &pipeline {
-                    pipeline
-                        .run(mote_engine::Input::Texts(vec!["warm-up".into()]))
-                        .map_err(err)?;
-                }
-                Runner::Pipeline(PipelineWorker::start(
-                    name.clone(),
-                    pipeline,
-                    options.limits.clone(),
-                    metrics.clone(),
-                ))
-            }
-        };
-        models.push(Served {
-            name,
-            reference: r.clone(),
-            digest,
-            task: model.task(),
-            model,
-            runner,
-            created,
-        });
+        metrics.model(&served.name, &served.digest);
+        models.push(Arc::new(served));
     }
     Ok(State {
-        models,
+        models: RwLock::new(models),
         metrics,
         options,
+        store,
+        pool,
+        reloading: Mutex::new(()),
     })
 }
 
 /// Serve `state` until `shutdown` resolves; in-flight requests are finished first.
 pub async fn serve(
-    state: State,
+    state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
@@ -227,7 +342,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
     on_listening(local);
-    let app = router(Arc::new(state));
+    let app = router(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

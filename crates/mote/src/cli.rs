@@ -177,11 +177,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     let store = Store::open(&root)
         .with_context(|| format!("cannot open the store at {}", root.display()))?;
-    match cli.command {
+    let command = match cli.command {
+        // The server keeps the store for reloads.
+        Command::Serve(args) => return crate::serve::run(store, args),
+        c => c,
+    };
+    match command {
         Command::Import(args) => import(&store, args),
         Command::Run(args) => crate::run::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
-        Command::Serve(args) => crate::serve::run(&store, args),
+        Command::Serve(_) => unreachable!("handled above"),
         Command::Ls(j) => ls(&store, j.json),
         Command::Inspect { reference, json } => inspect(&store, &reference, json.json),
         Command::Verify {

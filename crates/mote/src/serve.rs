@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use mote_serve::worker::BatchLimits;
-use mote_serve::{ServeOptions, load, serve};
+use mote_serve::{ServeOptions, State, load, serve};
 use mote_store::Store;
 use serde_json::json;
+use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -43,6 +44,10 @@ pub struct ServeArgs {
     /// Per-request time limit, in seconds.
     #[arg(long, default_value_t = 300, value_name = "S")]
     timeout_s: u64,
+    /// Check the served tags every S seconds and swap in a model whose tag moved
+    /// (SIGHUP and `POST /admin/reload` always do).
+    #[arg(long, value_name = "S")]
+    watch_s: Option<u64>,
 }
 
 async fn shutdown_signal() {
@@ -68,7 +73,49 @@ async fn shutdown_signal() {
     eprintln!("shutting down: finishing requests in flight");
 }
 
-pub fn run(store: &Store, a: ServeArgs) -> Result<ExitCode> {
+/// Reload on SIGHUP and, with `--watch-s`, every so often; report what moved.
+async fn reloader(state: Arc<State>, watch: Option<Duration>) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = watch.map(tokio::time::interval);
+    loop {
+        let hangup = async {
+            #[cfg(unix)]
+            if let Some(h) = hup.as_mut() {
+                h.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        let timer = async {
+            match tick.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let by_signal = tokio::select! { _ = hangup => true, _ = timer => false };
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || st.reload()).await {
+            Ok(Ok(swapped)) => {
+                for s in &swapped {
+                    eprintln!(
+                        "reloaded {} ({}): {} -> {}",
+                        s.name, s.reference, s.from, s.to
+                    );
+                }
+                if swapped.is_empty() && by_signal {
+                    eprintln!("reload: every served tag still names the digest being served");
+                }
+            }
+            Ok(Err(e)) => eprintln!("reload failed, still serving the models before: {e}"),
+            Err(e) => eprintln!("reload failed: {e}"),
+        }
+    }
+}
+
+pub fn run(store: Store, a: ServeArgs) -> Result<ExitCode> {
     if a.max_queue == 0 || a.max_batch_items == 0 {
         bail!("--max-queue and --max-batch-items must be at least 1");
     }
@@ -85,10 +132,11 @@ pub fn run(store: &Store, a: ServeArgs) -> Result<ExitCode> {
         max_body: a.max_body_mib << 20,
         timeout: Duration::from_secs(a.timeout_s.max(1)),
     };
-    let state = load(store, &a.references, options)?;
-    for m in &state.models {
+    let state = Arc::new(load(store, &a.references, options)?);
+    for m in state.models() {
         let digest = m.digest.parse().ok();
-        store
+        state
+            .store()
             .record(
                 "serve",
                 digest,
@@ -105,6 +153,8 @@ pub fn run(store: &Store, a: ServeArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let watch = a.watch_s.map(|s| Duration::from_secs(s.max(1)));
+    runtime.spawn(reloader(state.clone(), watch));
     runtime.block_on(serve(state, shutdown_signal(), |addr| {
         eprintln!("listening on http://{addr}");
     }))?;

@@ -310,3 +310,113 @@ fn overload_gets_429_and_the_server_stays_healthy() {
     assert_eq!(status, 400, "{body}");
     assert!(server.stop().success());
 }
+
+/// The digest a response names.
+fn digest_of(head: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("x-mote-model-digest")
+            .then(|| v.trim().to_string())
+    })
+}
+
+#[test]
+fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let v1 = import(&store, &minilm_dir(), "emb:v1", &[]);
+    // A second version: same weights, different settings (so a different digest and
+    // visibly different vectors: not normalised).
+    let v2 = import(&store, &minilm_dir(), "emb:v2", &["--no-normalize"]);
+    assert_ne!(v1, v2);
+    ok(mote(&store).args(["tag", "emb:v1", "emb"]));
+    let server = Server::start(&store, &["emb", "--threads", "2"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let body = r#"{"model":"emb","input":["the tag moves while we ask","again"]}"#;
+    let seen: Vec<Vec<(u16, Option<String>, f64)>> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut seen = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (status, head, body) =
+                            http(&server.addr, "POST", "/v1/embeddings", body);
+                        let norm = serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| {
+                                let e = v["data"][0]["embedding"].as_array()?.clone();
+                                Some(
+                                    e.iter()
+                                        .map(|x| x.as_f64().unwrap().powi(2))
+                                        .sum::<f64>()
+                                        .sqrt(),
+                                )
+                            })
+                            .unwrap_or(f64::NAN);
+                        seen.push((status, digest_of(&head), norm));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        let pause = || std::thread::sleep(Duration::from_millis(700));
+        pause();
+        // Move the tag, reload through the API: the answer names the swap.
+        ok(mote(&store).args(["tag", "emb:v2", "emb"]));
+        let (status, _, answer) = http(&server.addr, "POST", "/admin/reload", "");
+        assert_eq!(status, 200, "{answer}");
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["swapped"][0]["from"], v1.as_str());
+        assert_eq!(answer["swapped"][0]["to"], v2.as_str());
+        pause();
+        // Roll back, reload by SIGHUP; wait until the server says it serves v1 again.
+        ok(mote(&store).args(["rollback", "emb"]));
+        Command::new("kill")
+            .args(["-HUP", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, _, models) = http(&server.addr, "GET", "/v1/models", "");
+            if models.contains(&v1) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SIGHUP did not reload: {models}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pause();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let total: usize = seen.iter().map(Vec::len).sum();
+    eprintln!("{total} requests during the swaps");
+    for (i, client) in seen.iter().enumerate() {
+        assert!(
+            client.iter().all(|(status, _, _)| *status == 200),
+            "client {i}: a request failed during a swap: {:?}",
+            client.iter().filter(|r| r.0 != 200).collect::<Vec<_>>()
+        );
+        // Each client sees v1, then v2, then v1 again: never a flip back and forth.
+        let mut phases: Vec<&str> = Vec::new();
+        for (_, d, norm) in client {
+            let d = d.as_deref().expect("every response names its digest");
+            // The vectors are the named version's: v1 normalised, v2 not.
+            assert_eq!((norm - 1.0).abs() < 1e-4, d == v1, "{d}: norm {norm}");
+            if phases.last() != Some(&d) {
+                phases.push(d);
+            }
+        }
+        assert_eq!(
+            phases,
+            [v1.as_str(), v2.as_str(), v1.as_str()],
+            "client {i}"
+        );
+    }
+    // The swaps are journaled.
+    let log = std::fs::read_to_string(store.join("journal.jsonl")).unwrap_or_default();
+    assert_eq!(log.matches("serve-reload").count(), 2, "{log}");
+    assert!(server.stop().success());
+}
