@@ -25,6 +25,11 @@ cases = [
     ("mobilenet_b1", "mobilenetv2.onnx", {"input": images[:1]}),
     ("mobilenet_b16", "mobilenetv2.onnx", {"input": images}),
 ]
+# Same filters as bench_engine: BENCH_ONLY=substring of the case, BENCH_THREADS=count.
+# ("minilm_native_b1_s128" selects the anchors' "minilm_b1_s128": they run the ONNX export.)
+only = os.environ.get("BENCH_ONLY", "").replace("native_", "")
+cases = [c for c in cases if only in c[0]]
+THREADS = (int(os.environ["BENCH_THREADS"]),) if os.environ.get("BENCH_THREADS") else (1, 2)
 
 
 def measure(fn):
@@ -48,7 +53,7 @@ def emit(engine, case, threads, p50, p95, n):
 
 import onnxruntime as ort  # noqa: E402
 
-for threads in (1, 2):
+for threads in THREADS:
     for case, file, feeds in cases:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -61,7 +66,7 @@ for threads in (1, 2):
 import openvino as ov  # noqa: E402
 
 core = ov.Core()
-for threads in (1, 2):
+for threads in THREADS:
     for case, file, feeds in cases:
         model = core.read_model(os.path.join(shared, file))
         compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})

@@ -94,7 +94,14 @@ fn main() {
             ("minilm_native_b32_s128", "minilm-native", minilm(32, 128)),
         ]);
     }
-    for threads in [1, 2] {
+    // BENCH_ONLY=substring runs only the matching cases; BENCH_THREADS=2 only that count.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    cases.retain(|(case, _, _)| case.contains(only.as_str()));
+    let thread_counts: Vec<usize> = match std::env::var("BENCH_THREADS") {
+        Ok(t) => vec![t.parse().expect("BENCH_THREADS is a number")],
+        Err(_) => vec![1, 2],
+    };
+    for threads in thread_counts {
         for (case, model, inputs) in &cases {
             let m = Model::open(
                 &store,

@@ -135,6 +135,15 @@ impl ThreadPool {
         }
     }
 
+    /// Call `f(i)` for every `i` in `0..n`, in parallel on the pool.
+    pub(crate) fn for_each_index(&self, n: usize, f: impl Fn(usize) + Sync + Send) {
+        use rayon::prelude::*;
+        match &self.pool {
+            Some(p) => p.install(|| (0..n).into_par_iter().for_each(&f)),
+            None => (0..n).for_each(f),
+        }
+    }
+
     /// Map `f` over `items` on the pool, one item per worker at a time (each item runs
     /// single-threaded kernels), keeping input order.
     pub(crate) fn map<T: Send, R: Send>(&self, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {

@@ -4,14 +4,17 @@
 //! ONNX export (`input_ids`, `attention_mask`, `token_type_ids` → `last_hidden_state`), so
 //! the text pipelines run on it unchanged.
 //!
-//! Each sequence is computed on its own (attention never mixes rows), so a row's result
-//! does not depend on its batch-mates; linear layers split work by output row, never along
-//! the summed dimension, so it does not depend on the thread count either.
+//! Only tokens with attention mask 1 are computed (rows of masked positions in the output are
+//! zero). Matrix products run over the kept tokens of every sequence at once and compute each
+//! output element in one canonical order; attention stays within a sequence. So a row's
+//! result does not depend on its batch-mates, on padding, or on the thread count (work is
+//! split by output element, never along a summed dimension).
 
 use mote_store::formats::safetensors::Header;
 use serde::Deserialize;
 
-use super::kernels::{axpy, dot, gelu, layer_norm, linear, softmax};
+use super::gemm::Packed;
+use super::vector::{add_layer_norm, attend, gelu};
 use crate::backend::{Backend, TensorSpec};
 use crate::error::{EngineError, Result};
 use crate::tensor::{DType, Tensor, TensorData};
@@ -65,19 +68,24 @@ struct Linear {
     k: usize,
 }
 
+impl Linear {
+    fn pack(self) -> Packed {
+        Packed::new(&self.w, &self.b, self.k)
+    }
+}
+
 struct Norm {
     gamma: Vec<f32>,
     beta: Vec<f32>,
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    attn_out: Linear,
+    /// Query, key and value projections stacked: `[3h, h]`, one matrix product.
+    qkv: Packed,
+    attn_out: Packed,
     attn_norm: Norm,
-    ffn_in: Linear,
-    ffn_out: Linear,
+    ffn_in: Packed,
+    ffn_out: Packed,
     ffn_norm: Norm,
 }
 
@@ -198,14 +206,18 @@ impl Bert {
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
                 let p = format!("encoder.layer.{i}");
+                let parts = ["query", "key", "value"]
+                    .map(|n| w.linear(&format!("{p}.attention.self.{n}"), h, h));
+                let [q, k, v] = parts;
+                let (q, k, v) = (q?, k?, v?);
                 Ok(Layer {
-                    q: w.linear(&format!("{p}.attention.self.query"), h, h)?,
-                    k: w.linear(&format!("{p}.attention.self.key"), h, h)?,
-                    v: w.linear(&format!("{p}.attention.self.value"), h, h)?,
-                    attn_out: w.linear(&format!("{p}.attention.output.dense"), h, h)?,
+                    qkv: Packed::new(&[q.w, k.w, v.w].concat(), &[q.b, k.b, v.b].concat(), h),
+                    attn_out: w
+                        .linear(&format!("{p}.attention.output.dense"), h, h)?
+                        .pack(),
                     attn_norm: w.norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                    ffn_in: w.linear(&format!("{p}.intermediate.dense"), ffn, h)?,
-                    ffn_out: w.linear(&format!("{p}.output.dense"), h, ffn)?,
+                    ffn_in: w.linear(&format!("{p}.intermediate.dense"), ffn, h)?.pack(),
+                    ffn_out: w.linear(&format!("{p}.output.dense"), h, ffn)?.pack(),
                     ffn_norm: w.norm(&format!("{p}.output.LayerNorm"), h)?,
                 })
             })
@@ -243,118 +255,149 @@ impl Bert {
         })
     }
 
-    /// Encode one sequence: `ids`, `mask` and `types` of equal length → `[len, hidden]`.
-    fn encode(&self, ids: &[i64], mask: &[i64], types: &[i64]) -> Result<Vec<f32>> {
+    /// Token embeddings (word + type + position) of the kept tokens, then LayerNorm.
+    fn embed(&self, tokens: &[Token]) -> Vec<f32> {
         let h = self.config.hidden_size;
-        let len = ids.len();
-        if len > self.config.max_position_embeddings {
-            return Err(EngineError::input(format!(
-                "sequence of {len} tokens is longer than the model's {} positions",
-                self.config.max_position_embeddings
-            )));
-        }
-        let mut x = vec![0f32; len * h];
-        for t in 0..len {
-            let id = usize::try_from(ids[t])
-                .ok()
-                .filter(|&i| i < self.vocab)
-                .ok_or_else(|| {
-                    EngineError::input(format!(
-                        "token id {} at position {t} is outside the vocabulary of {}",
-                        ids[t], self.vocab
-                    ))
-                })?;
-            let ty = usize::try_from(types[t])
-                .ok()
-                .filter(|&i| i < self.config.type_vocab_size)
-                .ok_or_else(|| {
-                    EngineError::input(format!(
-                        "token type {} at position {t} is not 0..{}",
-                        types[t], self.config.type_vocab_size
-                    ))
-                })?;
-            let row = &mut x[t * h..(t + 1) * h];
+        let mut x = vec![0f32; tokens.len() * h];
+        for (row, tok) in x.chunks_exact_mut(h).zip(tokens) {
+            let (w, ty, p) = (tok.id * h, tok.ty * h, tok.pos * h);
             for (j, v) in row.iter_mut().enumerate() {
-                *v = self.word[id * h + j] + self.token_type[ty * h + j] + self.position[t * h + j];
+                *v = self.word[w + j] + self.token_type[ty + j] + self.position[p + j];
             }
         }
+        self.norm(&mut x, None, &self.emb_norm);
+        x
+    }
+
+    /// `x = LayerNorm(x + residual)`, rows in parallel.
+    fn norm(&self, x: &mut [f32], residual: Option<&[f32]>, n: &Norm) {
+        let h = self.config.hidden_size;
         let eps = self.config.layer_norm_eps as f32;
-        layer_norm(&mut x, &self.emb_norm.gamma, &self.emb_norm.beta, eps);
+        self.pool.for_each_chunk(x, ROWS * h, |i, rows| {
+            let r = residual.map(|r| &r[i * ROWS * h..][..rows.len()]);
+            add_layer_norm(rows, r, &n.gamma, &n.beta, eps);
+        });
+    }
+
+    /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`.
+    /// Matrix products run over all tokens at once; attention stays within each sequence.
+    fn encode(&self, tokens: &[Token], seqs: &[Seq]) -> Vec<f32> {
+        let h = self.config.hidden_size;
+        let n = tokens.len();
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let keep: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
-        let mut q = vec![0f32; len * h];
-        let mut k = vec![0f32; len * h];
-        let mut v = vec![0f32; len * h];
-        let mut ctx = vec![0f32; len * h];
-        let mut tmp = vec![0f32; len * h];
-        let mut ffn = vec![0f32; len * self.config.intermediate_size];
+        let mut x = self.embed(tokens);
+        let mut qkv = vec![0f32; n * 3 * h];
+        // Keys transposed per (sequence, head): `hd` rows of the sequence length rounded up
+        // to 8, so a query's scores are 8 keys per vector.
+        let kt_offset: Vec<usize> = seqs
+            .iter()
+            .scan(0, |o, s| {
+                let at = *o;
+                *o += heads * hd * s.len.next_multiple_of(8);
+                Some(at)
+            })
+            .collect();
+        let kt_len = seqs
+            .iter()
+            .map(|s| heads * hd * s.len.next_multiple_of(8))
+            .sum();
+        let mut kt = vec![0f32; kt_len];
+        let mut ctx = vec![0f32; n * h];
+        let mut tmp = vec![0f32; n * h];
+        let mut ffn = vec![0f32; n * self.config.intermediate_size];
         for layer in &self.layers {
-            linear(&x, &layer.q.w, &layer.q.b, layer.q.k, &mut q, &self.pool);
-            linear(&x, &layer.k.w, &layer.k.b, layer.k.k, &mut k, &self.pool);
-            linear(&x, &layer.v.w, &layer.v.b, layer.v.k, &mut v, &self.pool);
-            // Heads by query position: each output element is written by one task, and every
-            // sum runs over keys in order, whatever the thread count.
-            let (qr, kr, vr) = (&q, &k, &v);
-            let keep = &keep;
-            self.pool.for_each_chunk(&mut ctx, h, |i, out| {
-                let mut scores = vec![0f32; len];
-                for head in 0..heads {
-                    let qi = &qr[i * h + head * hd..i * h + (head + 1) * hd];
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        *s = if keep[j] {
-                            dot(qi, &kr[j * h + head * hd..j * h + (head + 1) * hd]) * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
+            layer.qkv.matmul(&x, &mut qkv, &self.pool);
+            for (s, &base) in seqs.iter().zip(&kt_offset) {
+                let stride = s.len.next_multiple_of(8);
+                for j in 0..s.len {
+                    let key = &qkv[(s.start + j) * 3 * h + h..][..h];
+                    for (c, &kv) in key.iter().enumerate() {
+                        // column c = head * hd + d  →  row (head, d) of the head's block
+                        kt[base + c * stride + j] = kv;
                     }
-                    softmax(&mut scores);
-                    let o = &mut out[head * hd..(head + 1) * hd];
-                    o.iter_mut().for_each(|v| *v = 0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        if keep[j] {
-                            axpy(p, &vr[j * h + head * hd..j * h + (head + 1) * hd], o);
+                }
+            }
+            let (qkv_r, kt_r) = (&qkv, &kt);
+            self.pool.for_each_chunk(&mut ctx, ROWS * h, |chunk, out| {
+                let mut scores = Vec::new();
+                let mut rows = out.chunks_exact_mut(h).enumerate().peekable();
+                while let Some((r, out)) = rows.next() {
+                    let t = chunk * ROWS + r;
+                    let si = tokens[t].seq;
+                    let s = &seqs[si];
+                    let stride = s.len.next_multiple_of(8);
+                    scores.resize(2 * stride, 0.0);
+                    let kt = &kt_r[kt_offset[si]..];
+                    let v = &qkv_r[s.start * 3 * h + 2 * h..];
+                    let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
+                    // Two queries of the same sequence share their key and value loads.
+                    let pair = rows.next_if(|(r2, _)| tokens[chunk * ROWS + r2].seq == si);
+                    match pair {
+                        Some((_, out2)) => {
+                            for head in 0..heads {
+                                attend(
+                                    [q(t, head), q(t + 1, head)],
+                                    &kt[head * hd * stride..][..hd * stride],
+                                    stride,
+                                    s.len,
+                                    &v[head * hd..],
+                                    3 * h,
+                                    scale,
+                                    &mut scores,
+                                    [&mut out[head * hd..][..hd], &mut out2[head * hd..][..hd]],
+                                );
+                            }
+                        }
+                        None => {
+                            for head in 0..heads {
+                                attend(
+                                    [q(t, head)],
+                                    &kt[head * hd * stride..][..hd * stride],
+                                    stride,
+                                    s.len,
+                                    &v[head * hd..],
+                                    3 * h,
+                                    scale,
+                                    &mut scores,
+                                    [&mut out[head * hd..][..hd]],
+                                );
+                            }
                         }
                     }
                 }
             });
-            linear(
-                &ctx,
-                &layer.attn_out.w,
-                &layer.attn_out.b,
-                layer.attn_out.k,
-                &mut tmp,
-                &self.pool,
-            );
-            for (t, xv) in tmp.iter_mut().zip(&x) {
-                *t += xv;
-            }
-            layer_norm(&mut tmp, &layer.attn_norm.gamma, &layer.attn_norm.beta, eps);
-            linear(
-                &tmp,
-                &layer.ffn_in.w,
-                &layer.ffn_in.b,
-                layer.ffn_in.k,
-                &mut ffn,
-                &self.pool,
-            );
-            gelu(&mut ffn);
-            linear(
-                &ffn,
-                &layer.ffn_out.w,
-                &layer.ffn_out.b,
-                layer.ffn_out.k,
-                &mut x,
-                &self.pool,
-            );
-            for (xv, t) in x.iter_mut().zip(&tmp) {
-                *xv += t;
-            }
-            layer_norm(&mut x, &layer.ffn_norm.gamma, &layer.ffn_norm.beta, eps);
+            layer.attn_out.matmul(&ctx, &mut tmp, &self.pool);
+            self.norm(&mut tmp, Some(&x), &layer.attn_norm);
+            layer.ffn_in.matmul(&tmp, &mut ffn, &self.pool);
+            let width = self.config.intermediate_size;
+            self.pool
+                .for_each_chunk(&mut ffn, ROWS * width, |_, c| gelu(c));
+            layer.ffn_out.matmul(&ffn, &mut x, &self.pool);
+            self.norm(&mut x, Some(&tmp), &layer.ffn_norm);
         }
-        Ok(x)
+        x
     }
+}
+
+/// Rows per parallel task in the row-wise steps (attention, LayerNorm, GELU).
+const ROWS: usize = 8;
+
+/// A token that takes part in the computation (attention mask 1).
+struct Token {
+    id: usize,
+    ty: usize,
+    /// Its position in its sequence (for the position embedding).
+    pos: usize,
+    /// Which sequence it belongs to.
+    seq: usize,
+}
+
+/// A sequence's kept tokens: `tokens[start..start + len]`.
+struct Seq {
+    start: usize,
+    len: usize,
 }
 
 impl Backend for Bert {
@@ -389,11 +432,60 @@ impl Backend for Bert {
                 "input_ids, attention_mask and token_type_ids must have the same shape",
             ));
         }
-        let h = self.config.hidden_size;
-        let mut out = Vec::with_capacity(rows * len * h);
+        if len > self.config.max_position_embeddings {
+            return Err(EngineError::input(format!(
+                "sequence of {len} tokens is longer than the model's {} positions",
+                self.config.max_position_embeddings
+            )));
+        }
+        // Only tokens with attention mask 1 are computed (no work on padding); a sequence's
+        // result depends on its own tokens only, never on its batch-mates or their padding.
+        let mut tokens = Vec::new();
+        let mut seqs = Vec::with_capacity(rows);
+        let mut kept = Vec::new();
         for r in 0..rows {
-            let s = r * len..(r + 1) * len;
-            out.extend(self.encode(&ids_v[s.clone()], &mask_v[s.clone()], &types_v[s])?);
+            let start = tokens.len();
+            for t in 0..len {
+                let at = r * len + t;
+                let id = usize::try_from(ids_v[at])
+                    .ok()
+                    .filter(|&i| i < self.vocab)
+                    .ok_or_else(|| {
+                        EngineError::input(format!(
+                            "token id {} at position {t} is outside the vocabulary of {}",
+                            ids_v[at], self.vocab
+                        ))
+                    })?;
+                let ty = usize::try_from(types_v[at])
+                    .ok()
+                    .filter(|&i| i < self.config.type_vocab_size)
+                    .ok_or_else(|| {
+                        EngineError::input(format!(
+                            "token type {} at position {t} is not 0..{}",
+                            types_v[at], self.config.type_vocab_size
+                        ))
+                    })?;
+                if mask_v[at] != 0 {
+                    tokens.push(Token {
+                        id,
+                        ty,
+                        pos: t,
+                        seq: r,
+                    });
+                    kept.push(at);
+                }
+            }
+            seqs.push(Seq {
+                start,
+                len: tokens.len() - start,
+            });
+        }
+        let h = self.config.hidden_size;
+        let x = self.pool.install(|| self.encode(&tokens, &seqs));
+        // Positions with mask 0 were not computed: their rows are zero.
+        let mut out = vec![0f32; rows * len * h];
+        for (row, &at) in x.chunks_exact(h).zip(&kept) {
+            out[at * h..(at + 1) * h].copy_from_slice(row);
         }
         Ok(vec![Tensor::new(vec![rows, len, h], TensorData::F32(out))?])
     }

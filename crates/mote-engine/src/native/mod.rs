@@ -1,4 +1,6 @@
 //! mote's own backends and kernels: where the engine must lead on speed and determinism.
 
 pub mod bert;
+pub mod gemm;
 pub mod kernels;
+pub mod vector;

@@ -1,0 +1,563 @@
+//! Element-wise and attention kernels of the native encoder, in f32, with a scalar reference
+//! and an AVX2 path that perform exactly the same IEEE operations in the same order (same
+//! polynomial, same fused multiply-adds, same rounding of `n` in `exp`), so every ISA level
+//! gives the same bits. Proptests below hold each SIMD kernel to its scalar reference.
+//!
+//! - [`exp`]: Cody–Waite reduction + degree-6 polynomial (Cephes `expf` coefficients),
+//!   inputs clamped to [-87, 88] (results below `exp(-87)` flush to that value's range).
+//! - [`gelu`]: `0.5·x·(1 + erf(x/√2))` with Abramowitz–Stegun 7.1.26 for erf
+//!   (|error| ≤ 1.5e-7 in exact arithmetic).
+//! - [`attend`]: one query's scaled dot-product attention over one head: scores summed over
+//!   the head dimension in order, softmax with an 8-lane canonical sum, context summed over
+//!   keys in order.
+
+use super::kernels::{Isa, isa};
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+const EXP_MIN: f32 = -87.0;
+const EXP_MAX: f32 = 88.0;
+
+const ERF_P: f32 = 0.327_591_1;
+const ERF_A: [f32; 5] = [
+    0.254_829_6,
+    -0.284_496_74,
+    1.421_413_8,
+    -1.453_152_1,
+    1.061_405_4,
+];
+
+/// `exp(x)`, scalar reference (the operations of the AVX2 path, one lane).
+pub fn exp_scalar(x: f32) -> f32 {
+    // max/min written as the SIMD instructions behave (NaN → the bound).
+    let x = if x > EXP_MIN { x } else { EXP_MIN };
+    let x = if x < EXP_MAX { x } else { EXP_MAX };
+    let n = (x * LOG2E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_P[0];
+    for c in &EXP_P[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// GELU (erf form) of one value, scalar reference.
+pub fn gelu_scalar(x: f32) -> f32 {
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / ERF_P.mul_add(z, 1.0);
+    let mut p = ERF_A[4];
+    for a in ERF_A[..4].iter().rev() {
+        p = p.mul_add(t, *a);
+    }
+    let p = p * t;
+    let e = exp_scalar(-(z * z));
+    let erf = (-p).mul_add(e, 1.0);
+    let erf = if x < 0.0 { -erf } else { erf };
+    let h = 0.5 * x;
+    h.mul_add(erf, h)
+}
+
+/// Reduce 8 lane sums in the canonical order `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+fn reduce8(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+}
+
+/// Attention of one query over one head, scalar reference.
+///
+/// `q`: the query (head width `hd`); `kt`: the keys transposed, `hd` rows of `stride ≥ len`
+/// (columns past `len` ignored); `v`: value rows, row `j` at `v[j * v_stride..][..hd]`;
+/// `scores`: scratch of at least `len.next_multiple_of(8)`; result in `out` (`hd`).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_scalar(
+    q: &[f32],
+    kt: &[f32],
+    stride: usize,
+    len: usize,
+    v: &[f32],
+    v_stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let l8 = len.next_multiple_of(8);
+    for (j, s) in scores[..len].iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for d in 0..hd {
+            acc = q[d].mul_add(kt[d * stride + j], acc);
+        }
+        *s = acc * scale;
+    }
+    let max = scores[..len]
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &s| if m > s { m } else { s });
+    let mut lanes = [0f32; 8];
+    for j in 0..l8 {
+        let e = if j < len {
+            exp_scalar(scores[j] - max)
+        } else {
+            0.0
+        };
+        scores[j] = e;
+        lanes[j % 8] += e;
+    }
+    let inv = 1.0 / reduce8(&lanes);
+    for (d, o) in out.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for j in 0..len {
+            acc = scores[j].mul_add(v[j * v_stride + d], acc);
+        }
+        *o = acc * inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN));
+        let x = _mm256_min_ps(x, _mm256_set1_ps(EXP_MAX));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
+        );
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+        let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_P[0]);
+        for c in &EXP_P[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu8(x: __m256) -> __m256 {
+        let sign = _mm256_set1_ps(-0.0);
+        let z = _mm256_mul_ps(
+            _mm256_andnot_ps(sign, x),
+            _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+        );
+        let one = _mm256_set1_ps(1.0);
+        let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(ERF_P), z, one));
+        let mut p = _mm256_set1_ps(ERF_A[4]);
+        for a in ERF_A[..4].iter().rev() {
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(*a));
+        }
+        let p = _mm256_mul_ps(p, t);
+        let e = exp8(_mm256_xor_ps(_mm256_mul_ps(z, z), sign));
+        let erf = _mm256_fnmadd_ps(p, e, one);
+        // erf takes x's sign when x < 0 (x = -0.0 keeps +erf, as the scalar `x < 0.0`).
+        let neg = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
+        let erf = _mm256_xor_ps(erf, _mm256_and_ps(neg, sign));
+        let h = _mm256_mul_ps(_mm256_set1_ps(0.5), x);
+        _mm256_fmadd_ps(h, erf, h)
+    }
+
+    /// GELU in place.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn gelu(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` is exactly 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), gelu8(_mm256_loadu_ps(c.as_ptr()))) };
+        }
+        for v in chunks.into_remainder() {
+            *v = gelu_scalar(*v);
+        }
+    }
+
+    /// [`super::attend_scalar`] for `Q` queries of one sequence and head at once (they share
+    /// every key and value load; `Q` × 4 independent FMA chains keep both FMA units busy).
+    /// Requires `hd % 8 == 0`, `stride ≥ len` rounded up to 8, and `scores` of `Q` such rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub fn attend<const Q: usize>(
+        qs: [&[f32]; Q],
+        kt: &[f32],
+        stride: usize,
+        len: usize,
+        v: &[f32],
+        v_stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        mut outs: [&mut [f32]; Q],
+    ) {
+        let hd = qs[0].len();
+        let l8 = len.next_multiple_of(8);
+        assert!(len > 0 && hd.is_multiple_of(8) && stride >= l8 && kt.len() >= (hd - 1) * stride + l8);
+        assert!(qs.iter().all(|q| q.len() == hd) && outs.iter().all(|o| o.len() == hd));
+        assert!(scores.len() >= Q * l8 && v.len() >= (len - 1) * v_stride + hd);
+        let scale_v = _mm256_set1_ps(scale);
+        // Scores, 32 keys at a time where possible, then 8 at a time; per (query, key) the
+        // head dimension is summed in order.
+        let mut j = 0;
+        while j < l8 {
+            if j + 32 <= l8 {
+                scores_block::<Q, 4>(&qs, kt, stride, j, l8, scale_v, scores);
+                j += 32;
+            } else {
+                scores_block::<Q, 1>(&qs, kt, stride, j, l8, scale_v, scores);
+                j += 8;
+            }
+        }
+        // Softmax numerators (exp(s - max), zero past `len`) and their inverse sums.
+        let mut inv = [_mm256_setzero_ps(); Q];
+        let full = len / 8;
+        for (qi, inv) in inv.iter_mut().enumerate() {
+            let row = &mut scores[qi * l8..][..l8];
+            // max is exact, so the vector order gives the scalar fold's value.
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            for c in 0..full {
+                // SAFETY: c * 8 + 8 <= len <= row.len().
+                m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(row.as_ptr().add(c * 8)) });
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+            let max = lanes
+                .iter()
+                .chain(&row[full * 8..len])
+                .fold(f32::NEG_INFINITY, |m, &s| if m > s { m } else { s });
+            let maxv = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            for c in 0..l8 / 8 {
+                // SAFETY: c * 8 + 8 <= l8 == row.len().
+                unsafe {
+                    let p = row.as_mut_ptr().add(c * 8);
+                    let mut e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
+                    let valid = len.saturating_sub(c * 8).min(8);
+                    if valid < 8 {
+                        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), idx);
+                        e = _mm256_and_ps(e, _mm256_castsi256_ps(keep));
+                    }
+                    _mm256_storeu_ps(p, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+            }
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            *inv = _mm256_set1_ps(1.0 / reduce8(&lanes));
+        }
+        // Context: per (query, dimension) the keys are summed in order; up to 32 dimensions
+        // of every query at once.
+        let mut d0 = 0;
+        while d0 < hd {
+            let n = match (hd - d0) / 8 {
+                1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            };
+            match n {
+                1 => context_block::<Q, 1>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                2 => context_block::<Q, 2>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                _ => context_block::<Q, 4>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+            }
+            d0 += 8 * n;
+        }
+    }
+
+    /// Scores of keys `j..j + 8N` for every query, summed over the head dimension in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn scores_block<const Q: usize, const N: usize>(
+        qs: &[&[f32]; Q],
+        kt: &[f32],
+        stride: usize,
+        j: usize,
+        l8: usize,
+        scale: __m256,
+        scores: &mut [f32],
+    ) {
+        let hd = qs[0].len();
+        assert!(j + 8 * N <= stride && kt.len() >= (hd - 1) * stride + j + 8 * N);
+        assert!(scores.len() >= (Q - 1) * l8 + j + 8 * N);
+        let mut acc = [[_mm256_setzero_ps(); N]; Q];
+        for d in 0..hd {
+            let mut k = [_mm256_setzero_ps(); N];
+            for (c, k) in k.iter_mut().enumerate() {
+                // SAFETY: d * stride + j + 8c + 8 <= (hd-1)*stride + j + 8N <= kt.len().
+                *k = unsafe { _mm256_loadu_ps(kt.as_ptr().add(d * stride + j + 8 * c)) };
+            }
+            for (q, acc) in qs.iter().zip(acc.iter_mut()) {
+                let qd = _mm256_set1_ps(q[d]);
+                for (a, k) in acc.iter_mut().zip(&k) {
+                    *a = _mm256_fmadd_ps(qd, *k, *a);
+                }
+            }
+        }
+        for (qi, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: qi * l8 + j + 8c + 8 <= (Q-1)*l8 + j + 8N <= scores.len().
+                unsafe {
+                    _mm256_storeu_ps(
+                        scores.as_mut_ptr().add(qi * l8 + j + 8 * c),
+                        _mm256_mul_ps(*a, scale),
+                    )
+                };
+            }
+        }
+    }
+
+    /// Dimensions `d0..d0 + 8N` of every query's context, summed over keys in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn context_block<const Q: usize, const N: usize>(
+        scores: &[f32],
+        l8: usize,
+        len: usize,
+        v: &[f32],
+        v_stride: usize,
+        d0: usize,
+        inv: &[__m256; Q],
+        outs: &mut [&mut [f32]; Q],
+    ) {
+        assert!(scores.len() >= (Q - 1) * l8 + len);
+        assert!(v.len() >= (len - 1) * v_stride + d0 + 8 * N);
+        assert!(outs.iter().all(|o| o.len() >= d0 + 8 * N));
+        let mut acc = [[_mm256_setzero_ps(); N]; Q];
+        for jj in 0..len {
+            let mut vv = [_mm256_setzero_ps(); N];
+            for (c, vv) in vv.iter_mut().enumerate() {
+                // SAFETY: jj * v_stride + d0 + 8c + 8 <= (len-1)*v_stride + d0 + 8N <= v.len().
+                *vv = unsafe { _mm256_loadu_ps(v.as_ptr().add(jj * v_stride + d0 + 8 * c)) };
+            }
+            for (qi, acc) in acc.iter_mut().enumerate() {
+                let p = _mm256_set1_ps(scores[qi * l8 + jj]);
+                for (a, vv) in acc.iter_mut().zip(&vv) {
+                    *a = _mm256_fmadd_ps(p, *vv, *a);
+                }
+            }
+        }
+        for ((acc, out), inv) in acc.iter().zip(outs.iter_mut()).zip(inv) {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: d0 + 8c + 8 <= out.len() (asserted).
+                unsafe {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * c), _mm256_mul_ps(*a, *inv))
+                };
+            }
+        }
+    }
+}
+
+/// `exp` of every value in place, on the selected ISA (identical bits on every path).
+pub fn exp(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        use std::arch::x86_64::*;
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: AVX2+FMA selected only when present; `c` is exactly 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), avx2::exp8(_mm256_loadu_ps(c.as_ptr()))) };
+        }
+        for v in chunks.into_remainder() {
+            *v = exp_scalar(*v);
+        }
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = exp_scalar(*v));
+}
+
+/// GELU (erf form) in place, on the selected ISA.
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 {
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA.
+        unsafe { avx2::gelu(x) };
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = gelu_scalar(*v));
+}
+
+/// Attention of `Q` (1 or 2) queries of one sequence over one head on the selected ISA (see
+/// [`attend_scalar`] for the arguments; `scores` holds `Q` rows of `stride`). The same bits
+/// on every path and for any grouping of queries.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<const Q: usize>(
+    qs: [&[f32]; Q],
+    kt: &[f32],
+    stride: usize,
+    len: usize,
+    v: &[f32],
+    v_stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    outs: [&mut [f32]; Q],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2
+        && len > 0
+        && qs[0].len().is_multiple_of(8)
+        && stride >= len.next_multiple_of(8)
+        && scores.len() >= Q * len.next_multiple_of(8)
+    {
+        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; the kernel asserts
+        // the slice bounds it relies on.
+        unsafe { avx2::attend::<Q>(qs, kt, stride, len, v, v_stride, scale, scores, outs) };
+        return;
+    }
+    for (q, out) in qs.into_iter().zip(outs) {
+        attend_scalar(q, kt, stride, len, v, v_stride, scale, scores, out);
+    }
+}
+
+/// LayerNorm of each `gamma.len()`-wide row of `x + residual`, written to `x`:
+/// `(y - mean) / sqrt(var + eps) * gamma + beta`, statistics in f64 summed in order.
+pub fn add_layer_norm(
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let width = gamma.len();
+    if let Some(r) = residual {
+        for (v, r) in x.iter_mut().zip(r) {
+            *v += r;
+        }
+    }
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (i, v) in row.iter_mut().enumerate() {
+            *v = ((*v as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The error function, |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), in f64.
+    fn erf(x: f64) -> f64 {
+        let z = x.abs();
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let poly = -z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+        let erfc = t * poly.exp();
+        if x >= 0.0 { 1.0 - erfc } else { erfc - 1.0 }
+    }
+
+    #[test]
+    fn erf_reference_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_8),
+            (1.0, 0.842_700_792_9),
+            (-2.0, -0.995_322_265_0),
+            (3.0, 0.999_977_909_5),
+        ] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn exp_and_gelu_are_accurate() {
+        for i in -8000..8000 {
+            let x = i as f32 / 100.0;
+            let want = (x as f64).exp();
+            let got = exp_scalar(x) as f64;
+            if x > -80.0 {
+                assert!(
+                    ((got - want) / want).abs() < 3e-7,
+                    "exp({x}) = {got}, want {want}"
+                );
+            }
+            let g = gelu_scalar(x) as f64;
+            let gw = 0.5 * x as f64 * (1.0 + erf(x as f64 / 2f64.sqrt()));
+            assert!(
+                (g - gw).abs() < 4e-7 * (1.0 + gw.abs()),
+                "gelu({x}) = {g}, want {gw}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn simd_exp_and_gelu_match_the_scalar_reference(
+            x in proptest::collection::vec(prop_oneof![-100f32..100f32, -3f32..3f32, Just(0.0f32), Just(-0.0f32)], 0..40)
+        ) {
+            let mut e = x.clone();
+            exp(&mut e);
+            prop_assert_eq!(bits(&e), bits(&x.iter().map(|&v| exp_scalar(v)).collect::<Vec<_>>()));
+            let mut g = x.clone();
+            gelu(&mut g);
+            prop_assert_eq!(bits(&g), bits(&x.iter().map(|&v| gelu_scalar(v)).collect::<Vec<_>>()));
+        }
+
+        #[test]
+        fn simd_attention_matches_the_scalar_reference(
+            heads8 in 1usize..5, len in 1usize..70, extra in 0usize..9, seed in any::<u64>()
+        ) {
+            let hd = heads8 * 8;
+            let stride = len.next_multiple_of(8) + extra;
+            let v_stride = hd + extra;
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0 };
+            let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+            let kt: Vec<f32> = (0..hd * stride).map(|_| next()).collect();
+            let v: Vec<f32> = (0..len * v_stride).map(|_| next()).collect();
+            let mut s1 = vec![0f32; stride];
+            let mut s2 = vec![0f32; stride];
+            let mut o1 = vec![0f32; hd];
+            let mut o2 = vec![0f32; hd];
+            attend([&q[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s1, [&mut o1[..]]);
+            attend_scalar(&q, &kt, stride, len, &v, v_stride, 0.3, &mut s2, &mut o2);
+            prop_assert_eq!(bits(&o1), bits(&o2));
+            // Two queries at once: each gets what it gets alone.
+            let q2: Vec<f32> = q.iter().map(|x| x * -0.7).collect();
+            let (mut p1, mut p2) = (vec![0f32; hd], vec![0f32; hd]);
+            let mut s3 = vec![0f32; 2 * stride];
+            attend([&q[..], &q2[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s3, [&mut p1[..], &mut p2[..]]);
+            prop_assert_eq!(bits(&p1), bits(&o2));
+            attend_scalar(&q2, &kt, stride, len, &v, v_stride, 0.3, &mut s2, &mut o2);
+            prop_assert_eq!(bits(&p2), bits(&o2));
+            // And it is attention: a convex combination of the values.
+            for d in 0..hd {
+                let lo = (0..len).map(|j| v[j * v_stride + d]).fold(f32::INFINITY, f32::min);
+                let hi = (0..len).map(|j| v[j * v_stride + d]).fold(f32::NEG_INFINITY, f32::max);
+                prop_assert!(o1[d] >= lo - 1e-4 && o1[d] <= hi + 1e-4);
+            }
+        }
+    }
+}
