@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 models="${MOTE_MODELS_DIR:-$HOME/.cache/mote/models}"
-cargo build --release --locked -p mote -p mote-serve --example serve_load
+cargo build --release --locked -p mote
+cargo build --release --locked -p mote-serve --example serve_load
 store=$(mktemp -d)
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$store"' EXIT
 target/release/mote --store "$store" import "$models/all-MiniLM-L6-v2" --name bench >/dev/null

@@ -78,4 +78,9 @@ pub trait Backend: Send + Sync {
     fn outputs(&self) -> &[TensorSpec];
     /// Run once; `inputs` are in [`Backend::inputs`] order and already checked.
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// Whether a row padded with attention-mask-0 positions gives, at its other positions,
+    /// the same bits as the row unpadded (so texts of different lengths may share a run).
+    fn pads_exactly(&self) -> bool {
+        false
+    }
 }

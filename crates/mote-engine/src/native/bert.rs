@@ -413,6 +413,11 @@ impl Backend for Bert {
         &self.outputs
     }
 
+    /// Masked positions are never computed, so padding cannot change a kept position.
+    fn pads_exactly(&self) -> bool {
+        true
+    }
+
     fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let [ids, mask, types] = &inputs[..] else {
             return Err(EngineError::input(

@@ -208,7 +208,9 @@ mod avx2 {
     ) {
         let hd = qs[0].len();
         let l8 = len.next_multiple_of(8);
-        assert!(len > 0 && hd.is_multiple_of(8) && stride >= l8 && kt.len() >= (hd - 1) * stride + l8);
+        assert!(
+            len > 0 && hd.is_multiple_of(8) && stride >= l8 && kt.len() >= (hd - 1) * stride + l8
+        );
         assert!(qs.iter().all(|q| q.len() == hd) && outs.iter().all(|o| o.len() == hd));
         assert!(scores.len() >= Q * l8 && v.len() >= (len - 1) * v_stride + hd);
         let scale_v = _mm256_set1_ps(scale);

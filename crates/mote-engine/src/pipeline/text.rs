@@ -1,8 +1,10 @@
 //! `text-embedding`: tokenise, run the encoder, pool, normalise.
 //!
 //! Texts are truncated to the model's maximum length (each result says whether it was).
-//! Determinism: texts are grouped by token count and each group runs as one batch with no
-//! padding, so a text's vector never depends on which other texts share its call.
+//! Determinism: a text's vector never depends on which other texts share its call. Backends
+//! whose padded positions cannot change other positions' bits ([`Backend::pads_exactly`],
+//! the native encoder) get up to 32 texts per run, padded to the longest; for the others
+//! (tract) texts are grouped by token count and each group runs with no padding.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -157,37 +159,52 @@ impl TextEmbedding {
             .enumerate()
             .map(|(i, t)| self.encode(i, t))
             .collect::<Result<Vec<_>>>()?;
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, e) in encodings.iter().enumerate() {
-            groups.entry(e.get_ids().len()).or_default().push(i);
-        }
+        let lens: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
+        let batches: Vec<Vec<usize>> = if self.backend.pads_exactly() {
+            (0..texts.len())
+                .collect::<Vec<_>>()
+                .chunks(MAX_ROWS_PER_RUN)
+                .map(<[usize]>::to_vec)
+                .collect()
+        } else {
+            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (i, &len) in lens.iter().enumerate() {
+                groups.entry(len).or_default().push(i);
+            }
+            groups
+                .into_values()
+                .flat_map(|m| {
+                    m.chunks(MAX_ROWS_PER_RUN)
+                        .map(<[usize]>::to_vec)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
         let mut timings = Timings {
             preprocess: t0.elapsed(),
             ..Default::default()
         };
         let mut out: Vec<Option<Embedding>> = vec![None; texts.len()];
-        for (len, members) in groups {
-            for chunk in members.chunks(MAX_ROWS_PER_RUN) {
-                let t1 = Instant::now();
-                let inputs = self.inputs(&encodings, chunk, len)?;
-                let outputs = self.backend.run(inputs)?;
-                let t2 = Instant::now();
-                timings.infer += t2 - t1;
-                let hidden = outputs.get(self.slots.output).ok_or_else(|| {
-                    EngineError::Backend(
-                        "the encoder returned fewer outputs than it declares".into(),
-                    )
-                })?;
-                for (row, vector) in self.pool(hidden, chunk.len(), len)?.into_iter().enumerate() {
-                    let idx = chunk[row];
-                    out[idx] = Some(Embedding {
-                        vector,
-                        tokens: len,
-                        truncated: !encodings[idx].get_overflowing().is_empty(),
-                    });
-                }
-                timings.postprocess += t2.elapsed();
+        for chunk in batches {
+            let len = chunk.iter().map(|&i| lens[i]).max().unwrap_or(0);
+            let t1 = Instant::now();
+            let inputs = self.inputs(&encodings, &chunk, len)?;
+            let outputs = self.backend.run(inputs)?;
+            let t2 = Instant::now();
+            timings.infer += t2 - t1;
+            let hidden = outputs.get(self.slots.output).ok_or_else(|| {
+                EngineError::Backend("the encoder returned fewer outputs than it declares".into())
+            })?;
+            let own: Vec<usize> = chunk.iter().map(|&i| lens[i]).collect();
+            for (row, vector) in self.pool(hidden, &own, len)?.into_iter().enumerate() {
+                let idx = chunk[row];
+                out[idx] = Some(Embedding {
+                    vector,
+                    tokens: lens[idx],
+                    truncated: !encodings[idx].get_overflowing().is_empty(),
+                });
             }
+            timings.postprocess += t2.elapsed();
         }
         Ok((
             out.into_iter()
@@ -215,14 +232,18 @@ impl TextEmbedding {
                         Slot::Mask => data.extend(e.get_attention_mask().iter().map(|&v| v as i64)),
                         Slot::TypeIds => data.extend(e.get_type_ids().iter().map(|&v| v as i64)),
                     }
+                    // Padding (only for backends that compute it exactly): id 0, mask 0.
+                    data.resize(data.len() + len - e.get_ids().len(), 0);
                 }
                 Tensor::new(vec![rows.len(), len], TensorData::I64(data))
             })
             .collect()
     }
 
-    /// Pool `[rows, len, hidden]` (or pass through `[rows, hidden]`), then normalise.
-    fn pool(&self, hidden: &Tensor, rows: usize, len: usize) -> Result<Vec<Vec<f32>>> {
+    /// Pool `[rows, len, hidden]` over each row's own `lens[row]` tokens (or pass through
+    /// `[rows, hidden]`), then normalise.
+    fn pool(&self, hidden: &Tensor, lens: &[usize], len: usize) -> Result<Vec<Vec<f32>>> {
+        let rows = lens.len();
         let values = hidden
             .as_f32()
             .ok_or_else(|| EngineError::Backend("the encoder output is not FP32".into()))?;
@@ -231,6 +252,7 @@ impl TextEmbedding {
             [r, l, h] if r == rows && l == len => (0..rows)
                 .map(|row| {
                     let rows_of = |t: usize| &values[(row * len + t) * h..(row * len + t + 1) * h];
+                    let len = lens[row];
                     match self.pooling {
                         Pooling::Cls => rows_of(0).to_vec(),
                         Pooling::Mean => {
