@@ -22,9 +22,10 @@ if [ ! -x target/pyenv/bin/python ] || ! target/pyenv/bin/python -c "import open
 fi
 export MOTE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 
+# Unit, property and end-to-end tests (the crates have no doc tests: examples live in
+# tests/, so no separate rustdoc build of every crate).
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo test --workspace --doc --quiet >/dev/null
   cargo nextest run --workspace --no-fail-fast "$@"
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --lib --bins --tests --no-fail-fast "$@"
 fi
