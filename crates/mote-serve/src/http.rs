@@ -656,17 +656,21 @@ fn flat(v: &Value, out: &mut Vec<Value>) {
 /// Triton's binary-data extension: a JSON header of `Inference-Header-Content-Length`
 /// bytes, then each input's raw bytes in order (`parameters.binary_data_size`).
 fn split_binary(headers: &HeaderMap, body: &Bytes) -> Result<(Bytes, Bytes), Failure> {
-    match headers.get("inference-header-content-length") {
+    split_binary_at(
+        headers
+            .get("inference-header-content-length")
+            .map(|v| v.to_str().unwrap_or("")),
+        body,
+    )
+}
+
+fn split_binary_at(header: Option<&str>, body: &Bytes) -> Result<(Bytes, Bytes), Failure> {
+    match header {
         None => Ok((body.clone(), Bytes::new())),
         Some(v) => {
-            let n: usize = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .filter(|&n| n <= body.len())
-                .ok_or_else(|| {
-                    Failure::bad("Inference-Header-Content-Length is not a length within the body")
-                })?;
+            let n: usize = v.parse().ok().filter(|&n| n <= body.len()).ok_or_else(|| {
+                Failure::bad("Inference-Header-Content-Length is not a length within the body")
+            })?;
             Ok((body.slice(..n), body.slice(n..)))
         }
     }
@@ -681,7 +685,10 @@ fn v2_tensor(t: &V2Tensor, binary: &mut Bytes) -> Result<Tensor, Failure> {
                 .map_err(|_| Failure::bad(format!("input {}: negative dimension", t.name)))
         })
         .collect::<Result<_, _>>()?;
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Failure::bad(format!("input {}: shape {shape:?} is too large", t.name)))?;
     let raw = match t
         .parameters
         .as_ref()
@@ -809,6 +816,37 @@ fn v2_bytes(t: &V2Tensor, binary: &mut Bytes) -> Result<Vec<Vec<u8>>, Failure> {
         .collect()
 }
 
+/// Every request-body parser the server has, run on untrusted bytes (for the fuzz target
+/// `request_body`): the first line is the `Inference-Header-Content-Length` value (empty:
+/// none), the rest the body. Never panics; returns how many inputs decoded.
+#[doc(hidden)]
+pub fn parse_untrusted_request(data: &[u8]) -> usize {
+    let (header, body) = match data.iter().position(|&b| b == b'\n') {
+        Some(i) => (std::str::from_utf8(&data[..i]).ok(), &data[i + 1..]),
+        None => (None, data),
+    };
+    let body = Bytes::copy_from_slice(body);
+    let _ = parse::<EmbeddingsRequest>(&body).map(|r| r.input.into_vec());
+    let _ = parse::<GenRequest>(&body).map(|r| r.options().sampling.validate().is_ok());
+    let Ok((json_part, mut binary)) = split_binary_at(header.filter(|h| !h.is_empty()), &body)
+    else {
+        return 0;
+    };
+    let Ok(req) = parse::<V2Request>(&json_part) else {
+        return 0;
+    };
+    req.inputs
+        .iter()
+        .filter(|t| {
+            if t.datatype == "BYTES" {
+                v2_bytes(t, &mut binary).is_ok()
+            } else {
+                v2_tensor(t, &mut binary).is_ok()
+            }
+        })
+        .count()
+}
+
 async fn v2_infer(
     AxState(st): AxState<Shared>,
     Path(name): Path<String>,
@@ -934,4 +972,42 @@ async fn metrics(AxState(st): AxState<Shared>) -> Response {
         st.metrics.render(&depths),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_untrusted_request;
+
+    #[test]
+    fn request_parsers_decode_good_bodies_and_refuse_bad_ones_without_panicking() {
+        let json = br#"
+{"inputs":[{"name":"input","datatype":"FP32","shape":[1,2],"data":[[1.0,2.0]]}]}"#;
+        assert_eq!(parse_untrusted_request(json), 1);
+        // Triton binary data: a BYTES element (length-prefixed) and two FP32 values.
+        let header = br#"{"inputs":[{"name":"t","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":9}},{"name":"x","datatype":"FP32","shape":[2],"parameters":{"binary_data_size":8}}]}"#;
+        let mut body = format!("{}\n", header.len()).into_bytes();
+        body.extend_from_slice(header);
+        body.extend_from_slice(&5u32.to_le_bytes());
+        body.extend_from_slice(b"hello");
+        body.extend_from_slice(&1.5f32.to_le_bytes());
+        body.extend_from_slice(&(-2f32).to_le_bytes());
+        assert_eq!(parse_untrusted_request(&body), 2);
+        // Truncated binary data, a header length past the body, overflowing shapes, a
+        // BYTES length prefix past the end, wrong types: refused, no panic.
+        assert_eq!(parse_untrusted_request(&body[..body.len() - 3]), 1);
+        assert_eq!(parse_untrusted_request(b"99999\n{}"), 0);
+        let huge = br#"
+{"inputs":[{"name":"x","datatype":"FP32","shape":[4294967296,4294967296,4294967296],"data":[1]}]}"#;
+        assert_eq!(parse_untrusted_request(huge), 0);
+        let bad_len = {
+            let h = br#"{"inputs":[{"name":"t","datatype":"BYTES","shape":[1],"parameters":{"binary_data_size":4}}]}"#;
+            let mut b = format!("{}\n", h.len()).into_bytes();
+            b.extend_from_slice(h);
+            b.extend_from_slice(&u32::MAX.to_le_bytes());
+            b
+        };
+        assert_eq!(parse_untrusted_request(&bad_len), 0);
+        assert_eq!(parse_untrusted_request(b"\n{\"inputs\":[{\"name\":\"x\",\"datatype\":\"INT64\",\"shape\":[-1],\"data\":[1]}]}"), 0);
+        assert_eq!(parse_untrusted_request(&[0xff, 0xfe, b'\n', 0x00]), 0);
+    }
 }

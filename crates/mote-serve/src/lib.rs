@@ -20,7 +20,7 @@ use std::time::Duration;
 use mote_engine::{EngineOptions, Model, Pipeline, ThreadPool};
 use mote_store::{Reference, Store, Task};
 
-pub use http::router;
+pub use http::{parse_untrusted_request, router};
 use metrics::Metrics;
 use worker::{BatchLimits, LlmWorker, PipelineWorker};
 
