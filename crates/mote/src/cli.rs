@@ -33,6 +33,9 @@ enum Command {
     Chat(crate::generate::ChatArgs),
     /// Serve models over HTTP: OpenAI and KServe v2 endpoints, metrics.
     Serve(crate::serve::ServeArgs),
+    /// Process every note of a folder (or line of a JSONL file) with a model, resumably:
+    /// summaries or answers as Markdown, or embeddings; journal and report in the output.
+    Batch(crate::batch::BatchArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -185,6 +188,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match command {
         Command::Import(args) => import(&store, args),
         Command::Run(args) => crate::run::run(&store, args),
+        Command::Batch(args) => crate::batch::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
         Command::Serve(_) => unreachable!("handled above"),
         Command::Ls(j) => ls(&store, j.json),
