@@ -126,15 +126,23 @@ impl Journal {
 
     /// Append one record durably.
     pub fn append(&mut self, record: Record) -> Result<(), BatchError> {
-        let mut line = serde_json::to_vec(&record).expect("records serialise");
-        line.push(b'\n');
+        self.append_all(vec![record])
+    }
+
+    /// Append records durably, with one write and one fsync.
+    pub fn append_all(&mut self, records: Vec<Record>) -> Result<(), BatchError> {
+        let mut lines = Vec::new();
+        for r in &records {
+            lines.extend(serde_json::to_vec(r).expect("records serialise"));
+            lines.push(b'\n');
+        }
         let io = |e: std::io::Error| BatchError::Io {
             path: self.path.clone(),
             source: e,
         };
-        self.file.write_all(&line).map_err(io)?;
+        self.file.write_all(&lines).map_err(io)?;
         self.file.sync_data().map_err(io)?;
-        self.records.push(record);
+        self.records.extend(records);
         Ok(())
     }
 }

@@ -245,23 +245,26 @@ pub fn run(m: &JobModel<'_>, opts: &JobOptions) -> Result<Summary, BatchError> {
     }
     let bar = progress_bar(opts.progress, todo.len());
     let mut failure: Option<(String, String)> = None;
-    engine.process(todo, &opts.output, &tmp, &job, &mut |r: Record| {
-        bar.inc(1);
-        if let Some(tps) = r.tokens_per_s {
-            bar.set_message(format!("{:.0} tok/s", tps));
-        }
-        match r.status {
-            Status::Done => summary.done += 1,
-            Status::Failed => {
-                summary.failed += 1;
-                if opts.fail_fast && failure.is_none() {
-                    failure = Some((r.item.clone(), r.error.clone().unwrap_or_default()));
+    let mut sink = |records: Vec<Record>| -> Result<bool, BatchError> {
+        for r in &records {
+            bar.inc(1);
+            if let Some(tps) = r.tokens_per_s {
+                bar.set_message(format!("{tps:.0} tok/s"));
+            }
+            match r.status {
+                Status::Done => summary.done += 1,
+                Status::Failed => {
+                    summary.failed += 1;
+                    if opts.fail_fast && failure.is_none() {
+                        failure = Some((r.item.clone(), r.error.clone().unwrap_or_default()));
+                    }
                 }
             }
         }
-        journal.append(r)?;
+        journal.append_all(records)?;
         Ok(failure.is_none())
-    })?;
+    };
+    engine.process(todo, &opts.output, &tmp, &job, &mut sink)?;
     bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&tmp);
     engine.finish(&opts.output, &items, &journal)?;
@@ -463,7 +466,7 @@ impl<'a> Engine<'a> {
         dir: &Path,
         tmp: &Path,
         job: &str,
-        sink: &mut dyn FnMut(Record) -> Result<bool, BatchError>,
+        sink: &mut dyn FnMut(Vec<Record>) -> Result<bool, BatchError>,
     ) -> Result<(), BatchError> {
         match self {
             Engine::Llm { llm, model, opts } => {
@@ -507,7 +510,7 @@ impl<'a> Engine<'a> {
                             }
                         }
                     };
-                    if !sink(r)? {
+                    if !sink(vec![r])? {
                         break;
                     }
                 }
@@ -584,10 +587,9 @@ impl<'a> Engine<'a> {
                             r.output = Some(part.clone());
                         }
                     }
-                    for r in records {
-                        if !sink(r)? {
-                            return Ok(());
-                        }
+                    // The part file is durable: journal the group with one fsync.
+                    if !sink(records)? {
+                        return Ok(());
                     }
                 }
                 Ok(())
