@@ -8,11 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use mote_batch::{JobModel, JobOptions, Task};
-use mote_engine::{EngineOptions, Model};
 use mote_store::Store;
 use serde_json::json;
-
-use crate::cli::parse_ref;
 
 #[derive(Args, Debug)]
 pub struct BatchArgs {
@@ -71,16 +68,7 @@ pub struct BatchArgs {
 }
 
 pub fn run(store: &Store, a: BatchArgs) -> Result<ExitCode> {
-    let reference = parse_ref(&a.reference)?;
-    let model = Model::open(
-        store,
-        &reference,
-        &EngineOptions {
-            threads: a.threads,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("cannot open {}", a.reference))?;
+    let model = crate::cli::open_model(store, &a.reference, a.threads)?;
     let prompt_template = match &a.prompt_template {
         Some(p) => Some(
             std::fs::read_to_string(p)

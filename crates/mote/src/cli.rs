@@ -164,6 +164,23 @@ fn parse_triple(s: &str) -> Result<[f32; 3], String> {
         .map_err(|_| "expected three comma-separated numbers".to_string())
 }
 
+/// Open (and verify) the model `reference` names, on `threads` engine threads.
+pub(crate) fn open_model(
+    store: &Store,
+    reference: &str,
+    threads: Option<usize>,
+) -> Result<mote_engine::Model> {
+    mote_engine::Model::open(
+        store,
+        &parse_ref(reference)?,
+        &mote_engine::EngineOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("cannot open {reference}"))
+}
+
 pub(crate) fn parse_ref(s: &str) -> Result<Reference> {
     Ok(s.parse::<Reference>()?)
 }

@@ -7,12 +7,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use mote_engine::Model;
 use mote_engine::llm::{ChatMessage, GenerateOptions, Generation, Llm, SamplingOptions};
-use mote_engine::{EngineOptions, Model};
 use mote_store::Store;
 use serde_json::json;
 
-use crate::cli::{JsonFlag, parse_ref};
+use crate::cli::JsonFlag;
 
 /// How to generate (shared by `run` and `chat`).
 #[derive(Args, Debug, Clone)]
@@ -154,15 +154,7 @@ pub struct ChatArgs {
 /// `mote chat`: read user messages line by line from stdin, stream the answers.
 /// `/reset` forgets the conversation; `/exit` (or end of input) quits.
 pub fn chat(store: &Store, a: ChatArgs) -> Result<ExitCode> {
-    let reference = parse_ref(&a.reference)?;
-    let model = Model::open(
-        store,
-        &reference,
-        &EngineOptions {
-            threads: a.threads,
-            ..Default::default()
-        },
-    )?;
+    let model = crate::cli::open_model(store, &a.reference, a.threads)?;
     let Some(llm) = model.llm() else {
         bail!(
             "{} is a {} model, not a language model; chat needs a GGUF text-generation artifact",

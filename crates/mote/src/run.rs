@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use mote_engine::{EngineOptions, Input, Model, Output, Pipeline, Tensor, TensorData, npy};
+use mote_engine::{Input, Output, Pipeline, Tensor, TensorData, npy};
 use mote_store::{Store, Task};
 use serde_json::json;
 
-use crate::cli::{JsonFlag, parse_ref};
+use crate::cli::JsonFlag;
 
 /// Largest JSONL input file read.
 const MAX_JSONL_BYTES: u64 = 1 << 30;
@@ -115,16 +115,8 @@ fn parse_tensor_arg(arg: &str) -> Result<(String, Tensor)> {
 }
 
 pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
-    let reference = parse_ref(&a.reference)?;
     let t_open = Instant::now();
-    let model = Model::open(
-        store,
-        &reference,
-        &EngineOptions {
-            threads: a.threads,
-            ..Default::default()
-        },
-    )?;
+    let model = crate::cli::open_model(store, &a.reference, a.threads)?;
     let open_ms = t_open.elapsed().as_secs_f64() * 1e3;
     if let Some(llm) = model.llm() {
         if !a.texts.is_empty() || !a.images.is_empty() || !a.tensors.is_empty() || a.input.is_some()
