@@ -51,6 +51,9 @@ pub enum Event {
         artifact_type: String,
         /// The source as the user gave it (informational; not part of the digest).
         source: String,
+        /// For referrers (audit reports, ...): the model manifest the artifact is about.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subject: Option<Digest>,
     },
     /// A tag now points at `to`.
     Tag {

@@ -26,6 +26,6 @@ pub use import::ImportOptions;
 pub use reference::{Reference, ReferenceError, TagRef};
 pub use settings::{ImageSettings, Pooling, Settings, Task, TextSettings};
 pub use store::{
-    GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, Mapped, ModelFile, ModelInfo,
-    Removed, Store, TagMove, VerifiedModel, VerifyOutcome,
+    ArtifactFile, GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, Mapped, ModelFile,
+    ModelInfo, Referrer, Removed, Store, TagMove, VerifiedModel, VerifyOutcome,
 };

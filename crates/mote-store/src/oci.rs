@@ -26,6 +26,17 @@ pub const MEDIA_TYPE_DOC_RAW: &str = "application/vnd.cncf.model.doc.v1.raw";
 /// Layer: mote's own settings (task, pipeline options, provenance), covered by the digest.
 pub const MEDIA_TYPE_MOTE_SETTINGS: &str = "application/vnd.mote.settings.v1+json";
 
+/// `artifactType` of an audit report (a referrer whose subject is a model manifest).
+pub const ARTIFACT_TYPE_AUDIT: &str = "application/vnd.mote.audit.report.v1+json";
+/// Media type of the OCI empty descriptor (config of artifacts that need none).
+pub const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+/// The content of the OCI empty blob.
+pub const EMPTY_JSON: &[u8] = b"{}";
+/// Index annotation on a referrer's entry: the manifest digest it is about.
+pub const ANNOTATION_SUBJECT: &str = "dev.mote.subject";
+/// Standard OCI creation-time annotation (RFC 3339).
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+
 /// Layer annotation holding the file's path inside the model (ModelPack).
 pub const ANNOTATION_FILEPATH: &str = "org.cncf.model.filepath";
 /// Standard OCI title annotation (oras uses it as the file name).

@@ -21,9 +21,10 @@ use crate::error::{IoContext, Result, StoreError};
 use crate::import::{ImportOptions, plan};
 use crate::journal::{Entry, Event, Journal, TagReason};
 use crate::oci::{
-    ANNOTATION_FILEPATH, ANNOTATION_JOURNAL_SEQ, ANNOTATION_REF_NAME, ANNOTATION_TITLE,
-    ARTIFACT_TYPE_MODEL, Descriptor, Index, MEDIA_TYPE_MANIFEST, MEDIA_TYPE_MODEL_CONFIG,
-    MEDIA_TYPE_MOTE_SETTINGS, Manifest, ModelConfig, ModelFs, OCI_LAYOUT,
+    ANNOTATION_FILEPATH, ANNOTATION_JOURNAL_SEQ, ANNOTATION_REF_NAME, ANNOTATION_SUBJECT,
+    ANNOTATION_TITLE, ARTIFACT_TYPE_MODEL, Descriptor, EMPTY_JSON, Index, MEDIA_TYPE_EMPTY,
+    MEDIA_TYPE_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_MOTE_SETTINGS, Manifest, ModelConfig,
+    ModelFs, OCI_LAYOUT,
 };
 use crate::reference::{Reference, TagRef};
 use crate::settings::Settings;
@@ -237,6 +238,30 @@ pub struct HistoryItem {
     pub to: Option<Digest>,
     /// `import`, `tag`, `rollback`, `commit` or `untag`.
     pub reason: String,
+}
+
+/// A file to store in an artifact attached to a model ([`Store::attach`]).
+#[derive(Clone, Debug)]
+pub struct ArtifactFile {
+    /// File name (the layer's `org.opencontainers.image.title`).
+    pub name: String,
+    /// Layer media type.
+    pub media_type: String,
+    /// Content.
+    pub bytes: Vec<u8>,
+}
+
+/// An artifact whose subject is a model (e.g. an audit report).
+#[derive(Clone, Debug, Serialize)]
+pub struct Referrer {
+    /// Its manifest digest.
+    pub digest: Digest,
+    /// Its `artifactType`.
+    pub artifact_type: String,
+    /// Its manifest annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Its files (layers), named by their title.
+    pub files: Vec<ModelFile>,
 }
 
 /// What `gc` removed.
@@ -534,6 +559,7 @@ impl Store {
                     size: manifest_bytes.len() as u64,
                     artifact_type: ARTIFACT_TYPE_MODEL.into(),
                     source,
+                    subject: None,
                 });
             }
             if let Some(tag) = tag {
@@ -675,7 +701,7 @@ impl Store {
         let referrers = index
             .manifests
             .iter()
-            .filter(|m| m.annotations.get("dev.mote.subject") == Some(&digest.to_string()))
+            .filter(|m| m.annotations.get(ANNOTATION_SUBJECT) == Some(&digest.to_string()))
             .cloned()
             .collect();
         Ok(ModelInfo {
@@ -930,6 +956,10 @@ impl Store {
                         removed.tags.push(t);
                     }
                     events.push(Event::Remove { digest });
+                    // Referrers (audit reports) are about this model and go with it.
+                    for r in referrer_digests(index, &digest) {
+                        events.push(Event::Remove { digest: r });
+                    }
                     removed.model = Some(digest);
                 }
             }
@@ -937,6 +967,159 @@ impl Store {
             Ok(events)
         })?;
         Ok(result.expect("commit ran the check"))
+    }
+
+    /// Store an artifact about the model `subject` names (an OCI referrer: its manifest's
+    /// `subject` is the model manifest), e.g. an audit report. Files become layers in the
+    /// order given; `annotations` go on the manifest. Journaled like an import; `mote rm`
+    /// of the model removes its referrers too.
+    pub fn attach(
+        &self,
+        subject: &Reference,
+        artifact_type: &str,
+        files: &[ArtifactFile],
+        annotations: BTreeMap<String, String>,
+    ) -> Result<Digest> {
+        let (index, _) = self.state(false)?;
+        let subject_digest = self.resolve_in(&index, subject)?;
+        if !is_model(&index, &subject_digest) {
+            return Err(StoreError::Damaged {
+                path: self.blobs.path(&subject_digest),
+                reason: format!("{subject} is not a model; artifacts attach to models"),
+            });
+        }
+        let subject_size = index
+            .manifests
+            .iter()
+            .find(|m| m.digest == subject_digest)
+            .map_or(0, |m| m.size);
+        let _blobs = self.lock_blobs(false)?;
+        let mut layers = Vec::with_capacity(files.len());
+        for file in files {
+            let digest = self.blobs.put_bytes(&file.bytes)?;
+            layers.push(Descriptor {
+                media_type: file.media_type.clone(),
+                digest,
+                size: file.bytes.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::from([(ANNOTATION_TITLE.to_string(), file.name.clone())]),
+            });
+        }
+        let empty = self.blobs.put_bytes(EMPTY_JSON)?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MEDIA_TYPE_MANIFEST.into(),
+            artifact_type: Some(artifact_type.to_string()),
+            config: Descriptor {
+                media_type: MEDIA_TYPE_EMPTY.into(),
+                digest: empty,
+                size: EMPTY_JSON.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::new(),
+            },
+            layers,
+            subject: Some(Descriptor {
+                media_type: MEDIA_TYPE_MANIFEST.into(),
+                digest: subject_digest,
+                size: subject_size,
+                artifact_type: Some(ARTIFACT_TYPE_MODEL.into()),
+                annotations: BTreeMap::new(),
+            }),
+            annotations,
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("manifest serialises");
+        let digest = self.blobs.put_bytes(&bytes)?;
+        self.commit(|index, _| {
+            if !index.manifests.iter().any(|m| m.digest == subject_digest) {
+                return Err(StoreError::NotFound {
+                    reference: subject.to_string(),
+                    store: self.root.clone(),
+                });
+            }
+            if index.manifests.iter().any(|m| m.digest == digest) {
+                return Ok(Vec::new());
+            }
+            Ok(vec![Event::Import {
+                digest,
+                size: bytes.len() as u64,
+                artifact_type: artifact_type.to_string(),
+                source: format!("attached to {subject_digest}"),
+                subject: Some(subject_digest),
+            }])
+        })?;
+        Ok(digest)
+    }
+
+    /// The referrers of the model `subject` names (optionally only of `artifact_type`),
+    /// oldest first by their creation annotation. Each manifest is checked against its digest.
+    pub fn referrers(
+        &self,
+        subject: &Reference,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<Referrer>> {
+        let (index, _) = self.state(false)?;
+        let subject_digest = self.resolve_in(&index, subject)?;
+        let mut out = Vec::new();
+        for digest in referrer_digests(&index, &subject_digest) {
+            let label = format!("referrer {digest} of {subject}");
+            let manifest: Manifest = self.read_json_blob(&label, "manifest", &digest)?;
+            let kind = manifest.artifact_type.clone().unwrap_or_default();
+            if artifact_type.is_some_and(|t| t != kind) {
+                continue;
+            }
+            let files = manifest
+                .layers
+                .iter()
+                .map(|l| ModelFile {
+                    path: l
+                        .annotations
+                        .get(ANNOTATION_TITLE)
+                        .cloned()
+                        .unwrap_or_default(),
+                    media_type: l.media_type.clone(),
+                    digest: l.digest,
+                    size: l.size,
+                    blob: self.blobs.path(&l.digest),
+                })
+                .collect();
+            out.push(Referrer {
+                digest,
+                artifact_type: kind,
+                annotations: manifest.annotations,
+                files,
+            });
+        }
+        out.sort_by(|a, b| {
+            (a.annotations.get(crate::oci::ANNOTATION_CREATED), a.digest)
+                .cmp(&(b.annotations.get(crate::oci::ANNOTATION_CREATED), b.digest))
+        });
+        Ok(out)
+    }
+
+    /// Read one file of a referrer, checking its digest.
+    pub fn read_referrer_file(&self, referrer: &Referrer, name: &str) -> Result<Vec<u8>> {
+        let file = referrer
+            .files
+            .iter()
+            .find(|f| f.path == name)
+            .ok_or_else(|| StoreError::Damaged {
+                path: self.blobs.path(&referrer.digest),
+                reason: format!("referrer {} has no file {name:?}", referrer.digest),
+            })?;
+        match self.blobs.read_verified(&file.digest)? {
+            Ok(bytes) => Ok(bytes),
+            Err(None) => Err(StoreError::MissingBlob {
+                model: format!("referrer {}", referrer.digest),
+                file: name.into(),
+                digest: file.digest,
+            }),
+            Err(Some(actual)) => Err(StoreError::Corrupt {
+                model: format!("referrer {}", referrer.digest),
+                file: name.into(),
+                expected: file.digest,
+                actual,
+            }),
+        }
     }
 
     /// Delete blobs no manifest in the index reaches, and temp files of interrupted writes.
@@ -1026,6 +1209,18 @@ fn digests(index: &Index) -> Vec<Digest> {
     set.into_iter().collect()
 }
 
+/// Digests of the referrers whose subject is `subject`.
+fn referrer_digests(index: &Index, subject: &Digest) -> Vec<Digest> {
+    let subject = subject.to_string();
+    let set: BTreeSet<Digest> = index
+        .manifests
+        .iter()
+        .filter(|m| m.annotations.get(ANNOTATION_SUBJECT) == Some(&subject))
+        .map(|m| m.digest)
+        .collect();
+    set.into_iter().collect()
+}
+
 fn is_model(index: &Index, digest: &Digest) -> bool {
     index.manifests.iter().any(|m| {
         m.digest == *digest
@@ -1068,6 +1263,7 @@ fn apply(index: &mut Index, event: &Event) {
             digest,
             size,
             artifact_type,
+            subject,
             ..
         } => {
             if entry_for(index, digest).is_none() {
@@ -1076,7 +1272,10 @@ fn apply(index: &mut Index, event: &Event) {
                     digest: *digest,
                     size: *size,
                     artifact_type: Some(artifact_type.clone()),
-                    annotations: BTreeMap::new(),
+                    annotations: subject
+                        .iter()
+                        .map(|s| (ANNOTATION_SUBJECT.to_string(), s.to_string()))
+                        .collect(),
                 });
             }
         }

@@ -403,3 +403,74 @@ fn a_directory_that_is_not_a_store_is_refused() {
     let e = Store::open(dir.path()).unwrap_err().to_string();
     assert!(e.contains("not a mote store"), "{e}");
 }
+
+#[test]
+fn referrers_attach_to_a_model_survive_gc_and_go_with_it() {
+    use mote_store::ArtifactFile;
+    use std::collections::BTreeMap;
+    let (dir, s) = store();
+    let model = s
+        .import(
+            &gguf(dir.path(), "a.gguf", 1),
+            Some(&tag("m")),
+            &Default::default(),
+        )
+        .unwrap();
+    let files = [
+        ArtifactFile {
+            name: "report.json".into(),
+            media_type: "application/json".into(),
+            bytes: b"{\"passed\":true}".to_vec(),
+        },
+        ArtifactFile {
+            name: "report.md".into(),
+            media_type: "text/markdown".into(),
+            bytes: b"# ok\n".to_vec(),
+        },
+    ];
+    let kind = mote_store::oci::ARTIFACT_TYPE_AUDIT;
+    let annotations = BTreeMap::from([(
+        "org.opencontainers.image.created".to_string(),
+        "2026-01-01T00:00:00Z".to_string(),
+    )]);
+    let r = s
+        .attach(&reference("m"), kind, &files, annotations.clone())
+        .unwrap();
+    // Attaching the same bytes again is a no-op (same digest, no second index entry).
+    assert_eq!(
+        s.attach(&reference("m"), kind, &files, annotations)
+            .unwrap(),
+        r
+    );
+    let info = s.inspect(&reference("m")).unwrap();
+    assert_eq!(info.referrers.len(), 1);
+    assert_eq!(info.referrers[0].digest, r);
+    let listed = s.referrers(&reference("m"), Some(kind)).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        s.read_referrer_file(&listed[0], "report.md").unwrap(),
+        b"# ok\n"
+    );
+    assert!(
+        s.referrers(&reference("m"), Some("other/type"))
+            .unwrap()
+            .is_empty()
+    );
+    // The report is not a model: not listed, not verified as one.
+    assert_eq!(s.list().unwrap().len(), 1);
+    assert_eq!(s.verify_all().unwrap().len(), 1);
+    // It is journaled with its subject, and gc keeps its blobs.
+    let journal = fs::read_to_string(s.root().join("journal.jsonl")).unwrap();
+    assert!(journal.contains(&format!("\"subject\":\"{}\"", model.digest)));
+    assert_eq!(s.gc().unwrap().blobs, 0);
+    assert_eq!(
+        s.read_referrer_file(&listed[0], "report.json").unwrap(),
+        b"{\"passed\":true}"
+    );
+    // Removing the model removes its referrers; gc then frees their blobs.
+    s.remove(&Reference::Digest(model.digest)).unwrap();
+    let index = fs::read_to_string(s.root().join("index.json")).unwrap();
+    assert!(!index.contains(&r.to_string()), "{index}");
+    assert!(s.gc().unwrap().blobs >= 5);
+    s.journal().verify().unwrap();
+}
