@@ -343,21 +343,11 @@ fn record(item: &Item, loaded: &items::Loaded, job: &str, status: Status, ms: f6
         generated_tokens: 0,
         tokens_per_s: None,
         chunks: None,
-        peak_rss_kib: peak_rss_kib(),
+        peak_rss_kib: mote_engine::mem::peak_rss_kib(),
         error: None,
         at: now(),
         adopted: false,
     }
-}
-
-/// Peak resident memory of this process, KiB (0 where /proc is missing).
-pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Write `bytes` to `dir/rel` atomically: a temporary file in `tmp`, fsync, rename, fsync

@@ -10,6 +10,7 @@
 pub mod backend;
 mod error;
 pub mod llm;
+pub mod mem;
 mod model;
 pub mod native;
 pub mod npy;

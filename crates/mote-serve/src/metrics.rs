@@ -160,6 +160,12 @@ impl Metrics {
         for (model, d) in depths {
             let _ = writeln!(out, "mote_queue_depth{{model=\"{}\"}} {d}", esc(model));
         }
+        // The Prometheus client libraries' standard process metric (audits sample it).
+        let rss = mote_engine::mem::rss_kib();
+        if rss > 0 {
+            out.push_str("# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\n");
+            let _ = writeln!(out, "process_resident_memory_bytes {}", rss * 1024);
+        }
         out
     }
 }

@@ -36,6 +36,9 @@ enum Command {
     /// Process every note of a folder (or line of a JSONL file) with a model, resumably:
     /// summaries or answers as Markdown, or embeddings; journal and report in the output.
     Batch(crate::batch::BatchArgs),
+    /// Audit a model against a policy: latency, throughput, accuracy, abnormal inputs,
+    /// memory and soak; reports stored with the model (`mote audit show REF`).
+    Audit(crate::audit::AuditArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -206,6 +209,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Import(args) => import(&store, args),
         Command::Run(args) => crate::run::run(&store, args),
         Command::Batch(args) => crate::batch::run(&store, args),
+        Command::Audit(args) => crate::audit::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
         Command::Serve(_) => unreachable!("handled above"),
         Command::Ls(j) => ls(&store, j.json),

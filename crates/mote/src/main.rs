@@ -1,6 +1,7 @@
 //! The `mote` command line: argument parsing and wiring only. Every behaviour lives in a
 //! library crate; this file turns flags into calls and results into text or JSON.
 
+mod audit;
 mod batch;
 mod cli;
 mod generate;

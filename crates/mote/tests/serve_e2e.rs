@@ -4,95 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-/// The Python with `openai` and `tritonclient` (scripts/test.sh sets MOTE_TEST_PYTHON).
-fn python() -> PathBuf {
-    let p = std::env::var_os("MOTE_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python")
-        });
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/test.sh (it creates the venv with the openai and \
-         tritonclient packages), or set MOTE_TEST_PYTHON",
-        p.display()
-    );
-    p
-}
-
-struct Server {
-    child: Option<Child>,
-    addr: String,
-}
-
-impl Drop for Server {
-    /// A failing test must not leave its server running.
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Server {
-    fn start(store: &Path, args: &[&str]) -> Server {
-        let mut child = mote(store)
-            .arg("serve")
-            .args(args)
-            .args(["--addr", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server prints its address before exiting")
-                .unwrap();
-            if let Some(a) = line.strip_prefix("listening on http://") {
-                break a.to_string();
-            }
-        };
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child: Some(child),
-            addr,
-        }
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SIGTERM: in-flight requests are finished, then exit 0.
-        let mut child = self.child.take().expect("running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        child.wait().unwrap()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    }
-}
 
 /// A bare HTTP/1.1 request; returns (status, headers, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {

@@ -1,8 +1,9 @@
 //! Helpers shared by the end-to-end tests: locating test models and running the real binary.
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 
 #[allow(unused_imports)]
 pub use mote_testkit::{minilm_dir, shared_models, smollm2_gguf};
@@ -59,4 +60,86 @@ pub fn import(store: &Path, source: &Path, name: &str, extra: &[&str]) -> String
         "not a digest: {digest:?}"
     );
     digest
+}
+
+/// The Python with `openai` and `tritonclient` (scripts/test.sh sets MOTE_TEST_PYTHON).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("MOTE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python")
+        });
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/test.sh (it creates the venv with the openai and \
+         tritonclient packages), or set MOTE_TEST_PYTHON",
+        p.display()
+    );
+    p
+}
+
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+}
+
+impl Drop for Server {
+    /// A failing test must not leave its server running.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Server {
+    pub fn start(store: &Path, args: &[&str]) -> Server {
+        let mut child = mote(store)
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server prints its address before exiting")
+                .unwrap();
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SIGTERM: in-flight requests are finished, then exit 0.
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    }
 }
