@@ -125,6 +125,14 @@ impl ImageClassification {
             ((w as f64 * scale).round() as u32).max(s.crop),
             ((h as f64 * scale).round() as u32).max(s.crop),
         );
+        // A tiny file can be a 4000x2 image whose short side, scaled to `resize`, makes a
+        // resized image of hundreds of megabytes: refuse what would outgrow the decode limit.
+        if nw > MAX_SIDE || nh > MAX_SIDE {
+            return Err(bad(format!(
+                "its {w}x{h} shape is too elongated: scaling its short side to {} would make it {nw}x{nh}, more than {MAX_SIDE} pixels on a side; crop it first",
+                s.resize
+            )));
+        }
         let resized = image::imageops::resize(&rgb, nw, nh, FilterType::Triangle);
         let (x0, y0) = ((nw - s.crop) / 2, (nh - s.crop) / 2);
         let side = s.crop as usize;
