@@ -92,13 +92,13 @@ fn text_cases(max_tokens: Option<usize>, rng: &mut Rng, prompts: bool) -> Vec<Sp
         }
     };
     let limit = max_tokens.unwrap_or(512);
-    let (scale, random) = if prompts { (1, 512) } else { (10, 4096) };
+    let (scale, random) = if prompts { (1, 256) } else { (10, 4096) };
     let mut v = vec![
         spec("empty", "the empty string", q(String::new())),
         spec("whitespace", "only spaces, tabs and newlines", q(" \t\n \r\n ".repeat(20))),
         spec(
             "max-length+1",
-            format!("{} words: one more token than the model's limit of {limit}", limit + 1),
+            format!("{} words: more tokens than the model's limit of {limit}", limit + 1),
             q("word ".repeat(limit + 1)),
         ),
         spec(

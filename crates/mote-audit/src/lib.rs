@@ -357,6 +357,12 @@ impl Audit<'_> {
             let bar = Progress::new(self.progress, "soak", None);
             let r = scenarios::soak(target, &queries, s, duration, &bar.tick());
             drop(bar);
+            let fitted = r.windows.len().saturating_sub(r.warmup_windows);
+            if r.rss_trend.is_none() || r.latency_trend.is_none() {
+                failures.push(format!(
+                    "soak: {fitted} window(s) after warm-up, too few to fit a trend (3 with answers and memory readings are needed); lengthen soak.duration_s (or --duration) or shorten soak.window_s"
+                ));
+            }
             // A trend fails only when it is significant and larger than its bound.
             let mut c = Check::at_most(
                 "soak.max_rss_growth_kb_per_1000",
