@@ -206,62 +206,57 @@ pub fn render(r: &Report, markdown_body: &str) -> String {
     // Latency and memory over time: the soak's windows, else the single-stream sequence
     // and the memory run's samples.
     if let Some(s) = &r.soak {
-        let lat: Vec<(f64, f64)> = s.windows.iter().map(|w| (w.t_s, w.p50_ms)).collect();
-        let mut lines = vec![Series {
-            name: "median latency",
-            color: "#1f77b4",
-            points: lat,
-        }];
-        if let Some(t) = &s.latency_trend {
-            let (a, b) = (
-                s.windows.get(s.warmup_windows).map_or(0.0, |w| w.t_s),
-                s.windows.last().map_or(0.0, |w| w.t_s),
-            );
-            lines.push(Series {
-                name: "trend",
-                color: "#ff7f0e",
-                points: vec![
-                    (a, t.intercept + t.slope * a),
-                    (b, t.intercept + t.slope * b),
-                ],
-            });
-        }
-        charts.push(line_chart(
+        let (a, b) = (
+            s.windows.get(s.warmup_windows).map_or(0.0, |w| w.t_s),
+            s.windows.last().map_or(0.0, |w| w.t_s),
+        );
+        // One chart per soak series, with its fitted line over the measured windows.
+        let mut over_time = |title: &str,
+                             label: &str,
+                             name: &'static str,
+                             color: &'static str,
+                             points: Vec<(f64, f64)>,
+                             trend: &Option<crate::stats::Trend>,
+                             scale: f64| {
+            let mut lines = vec![Series {
+                name,
+                color,
+                points,
+            }];
+            if let Some(t) = trend {
+                let at = |x: f64| (t.intercept + t.slope * x) / scale;
+                lines.push(Series {
+                    name: "trend",
+                    color: "#ff7f0e",
+                    points: vec![(a, at(a)), (b, at(b))],
+                });
+            }
+            charts.push(line_chart(title, "time (s)", label, &lines));
+        };
+        let lat = s.windows.iter().map(|w| (w.t_s, w.p50_ms)).collect();
+        over_time(
             "Soak: latency over time",
-            "time (s)",
             "median latency (ms)",
-            &lines,
-        ));
-        let rss: Vec<(f64, f64)> = s
+            "median latency",
+            "#1f77b4",
+            lat,
+            &s.latency_trend,
+            1.0,
+        );
+        let rss = s
             .windows
             .iter()
             .filter_map(|w| Some((w.t_s, w.rss_kib? as f64 / 1024.0)))
             .collect();
-        let mut lines = vec![Series {
-            name: "resident memory",
-            color: "#2ca02c",
-            points: rss,
-        }];
-        if let Some(t) = &s.rss_trend {
-            let (a, b) = (
-                s.windows.get(s.warmup_windows).map_or(0.0, |w| w.t_s),
-                s.windows.last().map_or(0.0, |w| w.t_s),
-            );
-            lines.push(Series {
-                name: "trend",
-                color: "#ff7f0e",
-                points: vec![
-                    (a, (t.intercept + t.slope * a) / 1024.0),
-                    (b, (t.intercept + t.slope * b) / 1024.0),
-                ],
-            });
-        }
-        charts.push(line_chart(
+        over_time(
             "Soak: memory over time",
-            "time (s)",
             "RSS (MiB)",
-            &lines,
-        ));
+            "resident memory",
+            "#2ca02c",
+            rss,
+            &s.rss_trend,
+            1024.0,
+        );
     } else if let Some(s) = &r.single_stream {
         let pts: Vec<(f64, f64)> = s
             .latencies_ms

@@ -646,15 +646,14 @@ impl Remote {
         body
     }
 
-    fn generate_body(&self, content: Option<&str>) -> (String, String, String) {
-        // (path, prefix, suffix) around the prompt text.
+    /// (path, prefix, suffix) of a generation request: the prompt text goes between.
+    fn generate_body(&self) -> (String, String, String) {
         let name = serde_json::to_string(&self.name).expect("string");
         let max = self.generation.max_tokens;
         if self.generation.chat {
             let prefix = format!(
                 r#"{{"model":{name},"max_tokens":{max},"temperature":0,"messages":[{{"role":"user","content":""#
             );
-            let _ = content;
             ("/v1/chat/completions".into(), prefix, "\"}]}".into())
         } else {
             let prefix =
@@ -673,6 +672,13 @@ impl Remote {
         let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
         Answer::Text { text, tokens }
     }
+}
+
+/// A JSON array of numbers as f32 (a non-number becomes NaN, which the checks catch).
+fn floats(a: &[Value]) -> Vec<f32> {
+    a.iter()
+        .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
+        .collect()
 }
 
 fn bad_answer(what: &str) -> Failure {
@@ -697,11 +703,7 @@ impl Target for Remote {
                     .map(|d| {
                         d["embedding"]
                             .as_array()
-                            .map(|a| {
-                                a.iter()
-                                    .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                                    .collect()
-                            })
+                            .map(|a| floats(a))
                             .ok_or_else(|| bad_answer("embedding"))
                     })
                     .collect::<std::result::Result<Vec<Vec<f32>>, Failure>>()?;
@@ -713,20 +715,16 @@ impl Target for Remote {
                 let e = v["data"][0]["embedding"]
                     .as_array()
                     .ok_or_else(|| bad_answer("embedding"))?;
-                Ok(Answer::Embeddings(vec![
-                    e.iter()
-                        .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                        .collect(),
-                ]))
+                Ok(Answer::Embeddings(vec![floats(e)]))
             }
             Query::Prompt(p) => {
-                let (path, prefix, suffix) = self.generate_body(Some(&p));
+                let (path, prefix, suffix) = self.generate_body();
                 let body = Self::raw_body(&prefix, p.as_bytes(), &suffix);
                 let v = self.post(&path, body, None, timeout)?;
                 Ok(self.text_answer(&v))
             }
             Query::RawPrompt(raw) => {
-                let (path, prefix, suffix) = self.generate_body(None);
+                let (path, prefix, suffix) = self.generate_body();
                 let body = Self::raw_body(&prefix, &raw, &suffix);
                 let v = self.post(&path, body, None, timeout)?;
                 Ok(self.text_answer(&v))
@@ -755,11 +753,7 @@ impl Target for Remote {
                 let k = probs["shape"][1].as_u64().unwrap_or(0) as usize;
                 let p: Vec<f32> = probs["data"]
                     .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                            .collect()
-                    })
+                    .map(|a| floats(a))
                     .unwrap_or_default();
                 let l: Vec<String> = labels["data"]
                     .as_array()
@@ -793,14 +787,8 @@ impl Target for Remote {
                         .as_array()
                         .map(|a| a.iter().map(|d| d.as_u64().unwrap_or(0) as usize).collect())
                         .unwrap_or_default();
-                    let data: Vec<f32> = o["data"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .map(|x| x.as_f64().unwrap_or(f64::NAN) as f32)
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let data: Vec<f32> =
+                        o["data"].as_array().map(|a| floats(a)).unwrap_or_default();
                     let t = Tensor::new(shape, TensorData::F32(data))
                         .map_err(|e| Failure::Crashed(format!("bad output tensor: {e}")))?;
                     out.push((o["name"].as_str().unwrap_or_default().to_string(), t));

@@ -218,8 +218,13 @@ pub fn run(m: &JobModel<'_>, opts: &JobOptions) -> Result<Summary, BatchError> {
         }
         todo.push((item.clone(), loaded));
     }
-    // Outputs written just before a crash, not journaled: adopt them.
-    let found = engine.find_outputs(&opts.output, &job);
+    // Outputs written just before a crash, not journaled: adopt them. (Nothing to look for
+    // when every item is already done: a re-run of a finished job reads no outputs.)
+    let found = if todo.is_empty() {
+        Found::default()
+    } else {
+        engine.find_outputs(&opts.output, &job)
+    };
     todo.retain(|(item, loaded)| {
         let Some((output, digest, meta)) = found.get(&(item.id.clone(), loaded.digest.clone()))
         else {

@@ -124,9 +124,13 @@ impl State {
     /// The served model called `name` (also accepted: its reference or digest). The handle
     /// keeps that version alive until the caller is done, even if a reload swaps it out.
     pub fn find(&self, name: &str) -> Option<Arc<Served>> {
-        self.models()
-            .into_iter()
+        // Searched under the read lock: only the match is cloned, not the whole list.
+        self.models
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
             .find(|m| m.name == name || m.reference == name || m.digest == name)
+            .cloned()
     }
 
     /// The models served now.
