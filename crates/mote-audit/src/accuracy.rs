@@ -442,7 +442,10 @@ pub fn fidelity(
         }
     }
     cosines(&mut m, pairs.into_iter());
-    m.values
-        .insert("agreement".into(), agree as f64 / m.items.max(1) as f64);
+    // The argmax of an embedding means nothing: agreement is for classes, logits and text.
+    if !matches!(a.iter().flatten().next(), Some(Answer::Embeddings(_))) {
+        m.values
+            .insert("agreement".into(), agree as f64 / m.items.max(1) as f64);
+    }
     m
 }

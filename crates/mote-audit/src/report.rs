@@ -60,16 +60,20 @@ impl Check {
 
     /// A line naming the threshold and the measurement.
     pub fn describe(&self) -> String {
+        let unit = if self.unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", self.unit)
+        };
         let value = self.value.map_or("nothing measurable".to_string(), |v| {
-            format!("{} {}", fmt(v), self.unit)
+            format!("{}{unit}", fmt(v))
         });
         let verdict = if self.passed { "ok" } else { "FAILED" };
         format!(
-            "{}: measured {value}, threshold {} {} {} — {verdict}",
+            "{}: measured {value}, threshold {} {}{unit} — {verdict}",
             self.name,
             self.op,
-            fmt(self.limit),
-            self.unit
+            fmt(self.limit)
         )
     }
 }
