@@ -364,15 +364,18 @@ fn cases(target: &dyn Target, task: Task, example: Option<&Query>, seed: u64) ->
     }
 }
 
-/// Run the battery; stops at the first hang (the target may be stuck).
+/// Run the battery; stops at the first hang (the target may be stuck). `start` is told
+/// the number of cases once they are built (some, such as large images, take time to make).
 pub fn battery(
     target: &dyn Target,
     example: Option<&Query>,
     seed: u64,
     timeout: Duration,
+    start: &dyn Fn(u64),
     tick: &(dyn Fn(u64) + Sync),
 ) -> Vec<Case> {
     let specs = cases(target, target.task(), example, seed);
+    start(specs.len() as u64);
     let mut out = Vec::with_capacity(specs.len());
     let mut stuck = false;
     for s in specs {
@@ -420,11 +423,6 @@ pub fn battery(
         tick(1);
     }
     out
-}
-
-/// Number of cases the battery has for a task (for progress bars).
-pub fn count(target: &dyn Target, example: Option<&Query>) -> usize {
-    cases(target, target.task(), example, 0).len()
 }
 
 #[cfg(test)]

@@ -420,13 +420,13 @@ impl Audit<'_> {
         }
 
         if let Some(a) = &p.abnormal {
-            let n = abnormal::count(target, queries.first());
-            let bar = Progress::new(self.progress, "abnormal", Some(n as u64));
+            let bar = Progress::new(self.progress, "abnormal", Some(0));
             let cases = abnormal::battery(
                 target,
                 queries.first(),
                 p.seed,
                 Duration::from_secs_f64(a.timeout_s),
+                &|n| bar.0.set_length(n),
                 &bar.tick(),
             );
             drop(bar);
