@@ -9,6 +9,8 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 for r in list(rows):
     if r["engine"] != "mote" and r["case"].startswith("minilm_"):
         rows.append(dict(r, case=r["case"].replace("minilm_", "minilm_native_")))
+        # mote's int8 against the anchors' fp32 (the issue's bar: int8 vs their fp32).
+        rows.append(dict(r, case=r["case"].replace("minilm_", "minilm_int8_")))
 by = defaultdict(dict)
 engines = []
 for r in rows:

@@ -59,6 +59,28 @@ fn main() {
                 &ImportOptions::default(),
             )
             .unwrap();
+        // The int8 artifact `mote quantize --int8` makes (built-in calibration set).
+        let q = mote_engine::quantize::quantize_int8(
+            &store,
+            &"minilm-native".parse().unwrap(),
+            &mote_engine::quantize::Int8Options {
+                calibration: mote_engine::quantize::sentences(mote_engine::quantize::CALIBRATION),
+                evaluation: mote_engine::quantize::sentences(mote_engine::quantize::EVALUATION),
+                alpha: 0.5,
+                keep_f32: Vec::new(),
+                threads: 2,
+            },
+        )
+        .unwrap();
+        store
+            .derive(
+                &"minilm-native".parse().unwrap(),
+                &q.files,
+                Default::default(),
+                |_| {},
+                Some(&"minilm-int8".parse().unwrap()),
+            )
+            .unwrap();
     }
     let minilm = |b: usize, s: usize| -> Inputs {
         ["input_ids", "attention_mask", "token_type_ids"]
@@ -92,6 +114,9 @@ fn main() {
             ("minilm_native_b1_s16", "minilm-native", minilm(1, 16)),
             ("minilm_native_b1_s128", "minilm-native", minilm(1, 128)),
             ("minilm_native_b32_s128", "minilm-native", minilm(32, 128)),
+            ("minilm_int8_b1_s16", "minilm-int8", minilm(1, 16)),
+            ("minilm_int8_b1_s128", "minilm-int8", minilm(1, 128)),
+            ("minilm_int8_b32_s128", "minilm-int8", minilm(32, 128)),
         ]);
     }
     // BENCH_ONLY=substring runs only the matching cases; BENCH_THREADS=2 only that count.

@@ -15,6 +15,7 @@ mod model;
 pub mod native;
 pub mod npy;
 pub mod pipeline;
+pub mod quantize;
 pub mod tensor;
 pub mod threads;
 

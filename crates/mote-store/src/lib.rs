@@ -24,7 +24,7 @@ pub use digest::Digest;
 pub use error::{Result, StoreError};
 pub use import::ImportOptions;
 pub use reference::{Reference, ReferenceError, TagRef};
-pub use settings::{ImageSettings, Pooling, Settings, Task, TextSettings};
+pub use settings::{ImageSettings, Pooling, Provenance, Settings, Task, TextSettings};
 pub use store::{
     ArtifactFile, GcReport, HistoryItem, ImportOutcome, ListedModel, MOTE_HOME, Mapped, ModelFile,
     ModelInfo, Referrer, Removed, Store, TagMove, VerifiedModel, VerifyOutcome,

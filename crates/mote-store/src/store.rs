@@ -23,8 +23,8 @@ use crate::journal::{Entry, Event, Journal, TagReason};
 use crate::oci::{
     ANNOTATION_FILEPATH, ANNOTATION_JOURNAL_SEQ, ANNOTATION_REF_NAME, ANNOTATION_SUBJECT,
     ANNOTATION_TITLE, ARTIFACT_TYPE_MODEL, Descriptor, EMPTY_JSON, Index, MEDIA_TYPE_EMPTY,
-    MEDIA_TYPE_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_MOTE_SETTINGS, Manifest, ModelConfig,
-    ModelFs, OCI_LAYOUT,
+    MEDIA_TYPE_MANIFEST, MEDIA_TYPE_MODEL_CONFIG, MEDIA_TYPE_MOTE_SETTINGS,
+    MEDIA_TYPE_WEIGHT_CONFIG_RAW, Manifest, ModelConfig, ModelFs, OCI_LAYOUT,
 };
 use crate::reference::{Reference, TagRef};
 use crate::settings::Settings;
@@ -967,6 +967,85 @@ impl Store {
             Ok(events)
         })?;
         Ok(result.expect("commit ran the check"))
+    }
+
+    /// Commit a model derived from `parent` (quantisation, a federated round, ...): the
+    /// parent's files with `replace` substituted (by path; new paths are added), its settings
+    /// with `provenance` (parent digest filled in), and its config with `tech` applied.
+    /// Unchanged files share the parent's blobs. Optionally tags the new model.
+    pub fn derive(
+        &self,
+        parent: &Reference,
+        replace: &[(String, Vec<u8>)],
+        provenance: crate::settings::Provenance,
+        tech: impl FnOnce(&mut crate::oci::ModelTechConfig),
+        tag: Option<&TagRef>,
+    ) -> Result<ImportOutcome> {
+        let (index, _) = self.state(false)?;
+        let parent_digest = self.resolve_in(&index, parent)?;
+        let info = self.info_in(&index, parent_digest)?;
+        let label = Self::label(&index, &parent_digest);
+        let manifest: Manifest = self.read_json_blob(&label, "manifest", &parent_digest)?;
+        let _blobs = self.lock_blobs(false)?;
+        let mut layers = Vec::with_capacity(manifest.layers.len() + replace.len());
+        let mut done = BTreeSet::new();
+        let mut bytes = 0u64;
+        for layer in &manifest.layers {
+            if layer.media_type == MEDIA_TYPE_MOTE_SETTINGS {
+                continue;
+            }
+            let path = layer.file_path().unwrap_or_default().to_string();
+            match replace.iter().find(|(p, _)| *p == path) {
+                Some((_, content)) => {
+                    let digest = self.blobs.put_bytes(content)?;
+                    bytes += content.len() as u64;
+                    let mut l = layer.clone();
+                    l.digest = digest;
+                    l.size = content.len() as u64;
+                    layers.push(l);
+                    done.insert(path);
+                }
+                None => layers.push(layer.clone()),
+            }
+        }
+        for (path, content) in replace.iter().filter(|(p, _)| !done.contains(p)) {
+            let digest = self.blobs.put_bytes(content)?;
+            bytes += content.len() as u64;
+            layers.push(Descriptor {
+                media_type: MEDIA_TYPE_WEIGHT_CONFIG_RAW.into(),
+                digest,
+                size: content.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::from([
+                    (ANNOTATION_FILEPATH.to_string(), path.clone()),
+                    (ANNOTATION_TITLE.to_string(), path.clone()),
+                ]),
+            });
+        }
+        let mut settings = info.settings.clone();
+        settings.provenance = Some(crate::settings::Provenance {
+            parent: Some(parent_digest),
+            ..provenance
+        });
+        let settings_bytes = serde_json::to_vec(&settings).expect("settings serialise");
+        let digest = self.blobs.put_bytes(&settings_bytes)?;
+        layers.push(Descriptor {
+            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
+            digest,
+            size: settings_bytes.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        });
+        let mut config = info.config.clone();
+        tech(&mut config.config);
+        let outcome = self.commit_model(
+            config,
+            layers,
+            format!("derived from {parent_digest}"),
+            tag,
+            TagReason::Commit,
+        )?;
+        Ok(ImportOutcome { bytes, ..outcome })
     }
 
     /// Store an artifact about the model `subject` names (an OCI referrer: its manifest's

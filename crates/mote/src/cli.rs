@@ -39,6 +39,9 @@ enum Command {
     /// Audit a model against a policy: latency, throughput, accuracy, abnormal inputs,
     /// memory and soak; reports stored with the model (`mote audit show REF`).
     Audit(crate::audit::AuditArgs),
+    /// Derive an int8 artifact from a float encoder (SmoothQuant calibration, per-channel
+    /// weights, per-token activations); prints its fidelity to the float model and speed.
+    Quantize(crate::quantize::QuantizeArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -210,6 +213,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => crate::run::run(&store, args),
         Command::Batch(args) => crate::batch::run(&store, args),
         Command::Audit(args) => crate::audit::run(&store, args),
+        Command::Quantize(args) => crate::quantize::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
         Command::Serve(_) => unreachable!("handled above"),
         Command::Ls(j) => ls(&store, j.json),

@@ -6,6 +6,7 @@ mod batch;
 mod cli;
 mod generate;
 mod output;
+mod quantize;
 mod run;
 mod serve;
 

@@ -13,7 +13,10 @@
 use mote_store::formats::safetensors::Header;
 use serde::Deserialize;
 
+use std::sync::Mutex;
+
 use super::gemm::Packed;
+use super::int8::PackedI8;
 use super::vector::{add_layer_norm, attend, gelu};
 use crate::backend::{Backend, TensorSpec};
 use crate::error::{EngineError, Result};
@@ -62,17 +65,118 @@ fn absolute() -> String {
     "absolute".into()
 }
 
-struct Linear {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    k: usize,
+/// One linear layer as stored: float weights, or int8 weights made by `mote quantize`.
+enum Linear {
+    F32 {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        k: usize,
+    },
+    I8 {
+        q: Vec<i8>,
+        scales: Vec<f32>,
+        b: Vec<f32>,
+        k: usize,
+        smooth: Option<Vec<f32>>,
+    },
 }
 
 impl Linear {
-    fn pack(self) -> Packed {
-        Packed::new(&self.w, &self.b, self.k)
+    fn pack(self) -> Proj {
+        match self {
+            Linear::F32 { w, b, k } => Proj::F32(Packed::new(&w, &b, k)),
+            Linear::I8 {
+                q,
+                scales,
+                b,
+                k,
+                smooth,
+            } => Proj::I8(PackedI8::new(&q, &scales, &b, k, smooth.as_deref())),
+        }
+    }
+
+    /// Query, key and value stacked into one `[3h, h]` product (same precision, and for
+    /// int8 the same smoothing, since they read the same input).
+    fn stack(parts: [Linear; 3], name: &str) -> Result<Proj> {
+        match parts {
+            [
+                Linear::F32 { w: wq, b: bq, k },
+                Linear::F32 { w: wk, b: bk, .. },
+                Linear::F32 { w: wv, b: bv, .. },
+            ] => Ok(Proj::F32(Packed::new(
+                &[wq, wk, wv].concat(),
+                &[bq, bk, bv].concat(),
+                k,
+            ))),
+            [
+                Linear::I8 {
+                    q: qq,
+                    scales: sq,
+                    b: bq,
+                    k,
+                    smooth,
+                },
+                Linear::I8 {
+                    q: qk,
+                    scales: sk,
+                    b: bk,
+                    smooth: smooth_k,
+                    ..
+                },
+                Linear::I8 {
+                    q: qv,
+                    scales: sv,
+                    b: bv,
+                    smooth: smooth_v,
+                    ..
+                },
+            ] if smooth == smooth_k && smooth == smooth_v => Ok(Proj::I8(PackedI8::new(
+                &[qq, qk, qv].concat(),
+                &[sq, sk, sv].concat(),
+                &[bq, bk, bv].concat(),
+                k,
+                smooth.as_deref(),
+            ))),
+            _ => Err(EngineError::Model(format!(
+                "{name}: query, key and value must share one precision and smoothing vector; \
+                 re-run `mote quantize` on the float model"
+            ))),
+        }
     }
 }
+
+/// A packed linear layer.
+enum Proj {
+    F32(Packed),
+    I8(PackedI8),
+}
+
+impl Proj {
+    fn matmul(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        match self {
+            Proj::F32(p) => p.matmul(x, out, pool),
+            Proj::I8(p) => p.matmul(x, out, pool),
+        }
+    }
+
+    fn is_int8(&self) -> bool {
+        matches!(self, Proj::I8(_))
+    }
+}
+
+/// The inputs of each layer's four products, in order: the attention LayerNorm's input
+/// (query/key/value), the attention context (output projection), the attention block's
+/// output (feed-forward in), the GELU output (feed-forward out).
+pub const SITES: [&str; 4] = [
+    "attention.self",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
+/// Per-channel largest magnitudes of every product's input, recorded while calibrating:
+/// `[layer][site][channel]`.
+pub type ActivationRanges = Vec<[Vec<f32>; 4]>;
 
 struct Norm {
     gamma: Vec<f32>,
@@ -81,11 +185,11 @@ struct Norm {
 
 struct Layer {
     /// Query, key and value projections stacked: `[3h, h]`, one matrix product.
-    qkv: Packed,
-    attn_out: Packed,
+    qkv: Proj,
+    attn_out: Proj,
     attn_norm: Norm,
-    ffn_in: Packed,
-    ffn_out: Packed,
+    ffn_in: Proj,
+    ffn_out: Proj,
     ffn_norm: Norm,
 }
 
@@ -101,6 +205,8 @@ pub struct Bert {
     pool: ThreadPool,
     inputs: Vec<TensorSpec>,
     outputs: Vec<TensorSpec>,
+    /// When calibrating: the activation ranges seen so far.
+    recorder: Option<Mutex<ActivationRanges>>,
 }
 
 struct Weights<'a> {
@@ -110,7 +216,36 @@ struct Weights<'a> {
 }
 
 impl Weights<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.header
+            .tensors
+            .contains_key(&format!("{}{name}", self.prefix))
+    }
+
+    fn dtype(&self, name: &str) -> Option<&str> {
+        self.header
+            .tensors
+            .get(&format!("{}{name}", self.prefix))
+            .map(|t| t.dtype.as_str())
+    }
+
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self
+            .raw(name, shape, "F32")?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    fn get_i8(&self, name: &str, shape: &[usize]) -> Result<Vec<i8>> {
+        Ok(self
+            .raw(name, shape, "I8")?
+            .iter()
+            .map(|&b| b as i8)
+            .collect())
+    }
+
+    fn raw(&self, name: &str, shape: &[usize], dtype: &str) -> Result<&[u8]> {
         let full = format!("{}{name}", self.prefix);
         let t = self.header.tensors.get(&full).ok_or_else(|| {
             EngineError::Model(format!(
@@ -124,24 +259,52 @@ impl Weights<'_> {
                 t.shape
             )));
         }
-        if t.dtype != "F32" {
+        if t.dtype != dtype {
             return Err(EngineError::Unsupported(format!(
-                "tensor {full:?} is {}; the native encoder reads F32 weights (convert the checkpoint to float32)",
+                "tensor {full:?} is {}; the native encoder reads {dtype} here (F32 \
+                 checkpoints, or int8 ones made by `mote quantize`)",
                 t.dtype
             )));
         }
         let start = 8 + self.header.header_len as usize + t.data_offsets[0] as usize;
         let end = 8 + self.header.header_len as usize + t.data_offsets[1] as usize;
-        Ok(self.bytes[start..end]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(&self.bytes[start..end])
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear {
-            w: self.get(&format!("{name}.weight"), &[out, inp])?,
-            b: self.get(&format!("{name}.bias"), &[out])?,
+        let weight = format!("{name}.weight");
+        let b = self.get(&format!("{name}.bias"), &[out])?;
+        if self.dtype(&weight) == Some("I8") {
+            let q = self.get_i8(&weight, &[out, inp])?;
+            if let Some(v) = q.iter().find(|v| (**v as i32).abs() > super::int8::WMAX) {
+                return Err(EngineError::Model(format!(
+                    "{weight} holds {v}, beyond the 7-bit range mote's int8 kernels take; \
+                     re-run `mote quantize` on the float model"
+                )));
+            }
+            let smooth_name = format!("{name}.smooth");
+            let smooth = if self.has(&smooth_name) {
+                let s = self.get(&smooth_name, &[inp])?;
+                if s.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(EngineError::Model(format!(
+                        "{smooth_name} must hold positive finite factors"
+                    )));
+                }
+                Some(s)
+            } else {
+                None
+            };
+            return Ok(Linear::I8 {
+                q,
+                scales: self.get(&format!("{name}.weight_scale"), &[out])?,
+                b,
+                k: inp,
+                smooth,
+            });
+        }
+        Ok(Linear::F32 {
+            w: self.get(&weight, &[out, inp])?,
+            b,
             k: inp,
         })
     }
@@ -209,9 +372,8 @@ impl Bert {
                 let parts = ["query", "key", "value"]
                     .map(|n| w.linear(&format!("{p}.attention.self.{n}"), h, h));
                 let [q, k, v] = parts;
-                let (q, k, v) = (q?, k?, v?);
                 Ok(Layer {
-                    qkv: Packed::new(&[q.w, k.w, v.w].concat(), &[q.b, k.b, v.b].concat(), h),
+                    qkv: Linear::stack([q?, k?, v?], &p)?,
                     attn_out: w
                         .linear(&format!("{p}.attention.output.dense"), h, h)?
                         .pack(),
@@ -251,8 +413,53 @@ impl Bert {
                 dtype: DType::F32,
                 shape: vec![None, None, Some(h)],
             }],
+            recorder: None,
             config,
         })
+    }
+
+    /// Start recording activation ranges (for `mote quantize`'s calibration).
+    pub fn record_activations(&mut self) {
+        let h = self.config.hidden_size;
+        let ffn = self.config.intermediate_size;
+        let widths = [h, h, h, ffn];
+        self.recorder = Some(Mutex::new(
+            (0..self.layers.len())
+                .map(|_| widths.map(|w| vec![0f32; w]))
+                .collect(),
+        ));
+    }
+
+    /// The ranges recorded since [`Bert::record_activations`].
+    pub fn activation_ranges(&self) -> Option<ActivationRanges> {
+        self.recorder
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Whether any product runs in int8.
+    pub fn is_int8(&self) -> bool {
+        self.layers.iter().any(|l| {
+            [&l.qkv, &l.attn_out, &l.ffn_in, &l.ffn_out]
+                .iter()
+                .any(|p| p.is_int8())
+        })
+    }
+
+    fn record(&self, layer: usize, site: usize, x: &[f32]) {
+        let Some(r) = &self.recorder else { return };
+        let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+        let m = &mut r[layer][site];
+        for row in x.chunks_exact(m.len()) {
+            for (m, v) in m.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
     }
 
     /// Token embeddings (word + type + position) of the kept tokens, then LayerNorm.
@@ -307,7 +514,8 @@ impl Bert {
         let mut ctx = vec![0f32; n * h];
         let mut tmp = vec![0f32; n * h];
         let mut ffn = vec![0f32; n * self.config.intermediate_size];
-        for layer in &self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.record(li, 0, &x);
             layer.qkv.matmul(&x, &mut qkv, &self.pool);
             for (s, &base) in seqs.iter().zip(&kt_offset) {
                 let stride = s.len.next_multiple_of(8);
@@ -368,12 +576,15 @@ impl Bert {
                     }
                 }
             });
+            self.record(li, 1, &ctx);
             layer.attn_out.matmul(&ctx, &mut tmp, &self.pool);
             self.norm(&mut tmp, Some(&x), &layer.attn_norm);
+            self.record(li, 2, &tmp);
             layer.ffn_in.matmul(&tmp, &mut ffn, &self.pool);
             let width = self.config.intermediate_size;
             self.pool
                 .for_each_chunk(&mut ffn, ROWS * width, |_, c| gelu(c));
+            self.record(li, 3, &ffn);
             layer.ffn_out.matmul(&ffn, &mut x, &self.pool);
             self.norm(&mut x, Some(&tmp), &layer.ffn_norm);
         }
@@ -402,7 +613,11 @@ struct Seq {
 
 impl Backend for Bert {
     fn name(&self) -> &'static str {
-        "native"
+        if self.is_int8() {
+            "native-int8"
+        } else {
+            "native"
+        }
     }
 
     fn inputs(&self) -> &[TensorSpec] {

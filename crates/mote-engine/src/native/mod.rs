@@ -2,5 +2,6 @@
 
 pub mod bert;
 pub mod gemm;
+pub mod int8;
 pub mod kernels;
 pub mod vector;

@@ -1,0 +1,593 @@
+//! Int8 matrix products against constant weights: `y = x · Wᵀ + b` with `W` quantised per
+//! output channel and `x` quantised per row (per token) at run time.
+//!
+//! Weights are symmetric 7-bit integers (`-63..=63`) with one f32 scale per output column;
+//! activations are asymmetric 8-bit (`0..=255`) with a scale and a zero point per row,
+//! computed from that row alone. An optional per-input-channel smoothing vector `s`
+//! (SmoothQuant) is folded into the weights (`W[:, i]·s[i]`) and divided out of the
+//! activations before they are rounded, moving outlier channels' range into the weights.
+//!
+//! Why 7-bit weights: AVX2 has no u8×s8 dot product into 32 bits, only `vpmaddubsw`, which
+//! adds two u8×s8 products into a *saturating* i16. With `|w| ≤ 63`, `2·255·63 < 2¹⁵`, so
+//! it never saturates and every sum is exact.
+//!
+//! Determinism by construction: the dot product of a row and a column is an exact integer
+//! sum (the same on every ISA level, for every blocking and thread count); the float
+//! epilogue `(acc − zp·Σw)·(sx·sw) + b` is computed by one scalar routine on all paths; a
+//! row's quantisation depends on that row only. So results are bit-identical across ISA
+//! levels, thread counts and batch composition.
+
+use super::kernels::{Isa, isa};
+use crate::threads::ThreadPool;
+
+/// Largest weight magnitude (7-bit, see the module docs).
+pub const WMAX: i32 = 63;
+/// Output columns per panel (two AVX2 registers of i32 sums).
+const NR: usize = 16;
+/// Rows per micro-kernel tile.
+const MR: usize = 4;
+/// Most rows per parallel task.
+const MC: usize = 96;
+/// Panels per parallel task.
+const PANELS: usize = 4;
+
+/// Quantise a weight matrix `w: [n, k]` (after multiplying column `i` by `smooth[i]`) per
+/// output row: returns the int8 values (row-major `[n, k]`) and the per-row scales.
+pub fn quantize_weights(w: &[f32], k: usize, smooth: Option<&[f32]>) -> (Vec<i8>, Vec<f32>) {
+    assert!(k > 0 && w.len().is_multiple_of(k), "weight shape");
+    let n = w.len() / k;
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![0f32; n];
+    let mut row = vec![0f32; k];
+    for j in 0..n {
+        for (i, r) in row.iter_mut().enumerate() {
+            *r = w[j * k + i] * smooth.map_or(1.0, |s| s[i]);
+        }
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = if max > 0.0 { max / WMAX as f32 } else { 1.0 };
+        scales[j] = scale;
+        for (d, v) in q[j * k..(j + 1) * k].iter_mut().zip(&row) {
+            *d = (v / scale).round().clamp(-WMAX as f32, WMAX as f32) as i8;
+        }
+    }
+    (q, scales)
+}
+
+/// Int8 weights `[n, k]` packed for the kernels, with scales, column sums and bias.
+pub struct PackedI8 {
+    /// `n.div_ceil(16)` panels of `k4 / 4` groups of 16 columns × 4 consecutive `k` values.
+    data: Vec<i8>,
+    /// Per output column: weight scale.
+    scales: Vec<f32>,
+    /// Per output column: sum of its integer weights (for the activation zero point).
+    col_sums: Vec<i32>,
+    bias: Vec<f32>,
+    /// Per input channel: `1 / smooth`, applied to activations before rounding.
+    inv_smooth: Option<Vec<f32>>,
+    n: usize,
+    k: usize,
+    /// `k` rounded up to 4 (the packing pads with zero weights).
+    k4: usize,
+}
+
+impl PackedI8 {
+    /// Pack quantised weights `q: [n, k]` with their per-row `scales`, `bias: [n]` and the
+    /// smoothing vector they were quantised with (if any).
+    pub fn new(
+        q: &[i8],
+        scales: &[f32],
+        bias: &[f32],
+        k: usize,
+        smooth: Option<&[f32]>,
+    ) -> PackedI8 {
+        let n = bias.len();
+        assert_eq!(q.len(), n * k, "weight shape");
+        assert_eq!(scales.len(), n, "scales shape");
+        assert!(
+            q.iter().all(|&v| (v as i32).abs() <= WMAX),
+            "weights beyond 7 bits"
+        );
+        let k4 = k.next_multiple_of(4);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0i8; panels * k4 * NR];
+        for j in 0..n {
+            let (p, c) = (j / NR, j % NR);
+            for i in 0..k {
+                let (g, b) = (i / 4, i % 4);
+                data[p * k4 * NR + g * 4 * NR + c * 4 + b] = q[j * k + i];
+            }
+        }
+        PackedI8 {
+            data,
+            scales: scales.to_vec(),
+            col_sums: (0..n)
+                .map(|j| q[j * k..(j + 1) * k].iter().map(|&v| v as i32).sum())
+                .collect(),
+            bias: bias.to_vec(),
+            inv_smooth: smooth.map(|s| s.iter().map(|v| 1.0 / v).collect()),
+            n,
+            k,
+            k4,
+        }
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `out = x · Wᵀ + b` for `x: [rows, k]`, `out: [rows, n]`, on `pool`.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        let (n, k, k4) = (self.n, self.k, self.k4);
+        assert!(k > 0 && x.len().is_multiple_of(k), "input shape");
+        let rows = x.len() / k;
+        assert_eq!(out.len(), rows * n, "output shape");
+        if rows == 0 || n == 0 {
+            return;
+        }
+        // Quantise every row on its own (scale, zero point), in parallel by row blocks.
+        let mut xq = vec![0u8; rows * k4];
+        let mut params = vec![(0f32, 0i32); rows];
+        {
+            let per = 16;
+            let mut pairs: Vec<RowBlock> = xq
+                .chunks_mut(per * k4)
+                .zip(params.chunks_mut(per))
+                .collect();
+            pool.for_each_chunk(&mut pairs, 1, |b, c| {
+                let (q, p) = &mut c[0];
+                for (r, (qr, pr)) in q.chunks_exact_mut(k4).zip(p.iter_mut()).enumerate() {
+                    let row = b * per + r;
+                    *pr = quantize_row(&x[row * k..(row + 1) * k], self.inv_smooth.as_deref(), qr);
+                }
+            });
+        }
+        let panels = n.div_ceil(NR);
+        let blocks = rows.div_ceil(MC);
+        let block_rows = rows.div_ceil(blocks).next_multiple_of(MR);
+        let groups = panels.div_ceil(PANELS);
+        let tasks = rows.div_ceil(block_rows) * groups;
+        let dst = OutPtr(out.as_mut_ptr());
+        let (xq, params) = (&xq, &params);
+        pool.for_each_index(tasks, |t| {
+            let (rb, pg) = (t / groups, t % groups);
+            let r0 = rb * block_rows;
+            let nr = block_rows.min(rows - r0);
+            let xs = &xq[r0 * k4..(r0 + nr) * k4];
+            let mut sums = vec![[0i32; NR]; nr];
+            for p in pg * PANELS..((pg + 1) * PANELS).min(panels) {
+                let w = &self.data[p * k4 * NR..][..k4 * NR];
+                let mut r = 0;
+                while r < nr {
+                    let m = MR.min(nr - r);
+                    tile(&xs[r * k4..(r + m) * k4], k4, w, &mut sums[r..r + m]);
+                    r += m;
+                }
+                let j0 = p * NR;
+                let cols = NR.min(n - j0);
+                for (i, s) in sums.iter().enumerate() {
+                    // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`;
+                    // each (row, panel) pair belongs to exactly one task, so no two tasks
+                    // write the same element, and `out` outlives the parallel loop.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + i) * n + j0), cols) };
+                    let (sx, zp) = params[r0 + i];
+                    finish_row(
+                        s,
+                        zp,
+                        sx,
+                        &self.col_sums[j0..j0 + cols],
+                        &self.scales[j0..j0 + cols],
+                        &self.bias[j0..j0 + cols],
+                        row,
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// The float result of one output element from its exact integer sum (the canonical
+/// formula; the AVX2 path computes the same operations eight columns at a time).
+#[inline]
+fn epilogue(acc: i32, zp: i32, col_sum: i32, sx: f32, sw: f32, bias: f32) -> f32 {
+    ((acc - zp * col_sum) as f32).mul_add(sx * sw, bias)
+}
+
+/// [`epilogue`] for one row of a panel: `out.len()` columns (≤ 16).
+fn finish_row(
+    s: &[i32; NR],
+    zp: i32,
+    sx: f32,
+    col_sums: &[i32],
+    scales: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 && out.len() == NR {
+        // SAFETY: AVX2 and FMA present; every slice holds 16 elements.
+        unsafe { avx2::finish_row(s, zp, sx, col_sums, scales, bias, out) };
+        return;
+    }
+    for (c, d) in out.iter_mut().enumerate() {
+        *d = epilogue(s[c], zp, col_sums[c], sx, scales[c], bias[c]);
+    }
+}
+
+/// Quantise one row to `0..=255` with its own scale and zero point (the range always holds
+/// 0, so zero is exact); `out` is `k` rounded up to 4, the tail the zero point. Returns
+/// `(scale, zp)`.
+///
+/// Canonical arithmetic (the AVX2 path does exactly this, eight elements at a time):
+/// `v = x·inv_smooth`; range by `if v < lo { v } else { lo }` (and `>` for the top) from
+/// 0; `q = clamp(round_ties_even(v·inv_scale + zp), 0, 255)` with a separate multiply and
+/// add.
+pub fn quantize_row(x: &[f32], inv_smooth: Option<&[f32]>, out: &mut [u8]) -> (f32, i32) {
+    assert!(out.len() >= x.len() && inv_smooth.is_none_or(|s| s.len() == x.len()));
+    let (lo, hi) = row_range(x, inv_smooth);
+    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+    let inv = 1.0 / scale;
+    let zp = (-lo * inv).round_ties_even().clamp(0.0, 255.0);
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: AVX2 present; lengths asserted above.
+        unsafe { avx2::quantize(x, inv_smooth, inv, zp, out) };
+        out[x.len()..].fill(zp as u8);
+        return (scale, zp as i32);
+    }
+    for (i, (d, &v)) in out.iter_mut().zip(x).enumerate() {
+        let v = inv_smooth.map_or(v, |s| v * s[i]);
+        *d = (v * inv + zp).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+    out[x.len()..].fill(zp as u8);
+    (scale, zp as i32)
+}
+
+/// The smallest and largest (smoothed) value of a row, starting from 0.
+fn row_range(x: &[f32], inv_smooth: Option<&[f32]>) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: AVX2 present; `inv_smooth` has x's length (asserted by the caller).
+        return unsafe { avx2::range(x, inv_smooth) };
+    }
+    let (mut lo, mut hi) = (0f32, 0f32);
+    for (i, &v) in x.iter().enumerate() {
+        let v = inv_smooth.map_or(v, |s| v * s[i]);
+        lo = if v < lo { v } else { lo };
+        hi = if v > hi { v } else { hi };
+    }
+    (lo, hi)
+}
+
+/// A block of quantised rows and their `(scale, zero point)`s, written by one task.
+type RowBlock<'a> = (&'a mut [u8], &'a mut [(f32, i32)]);
+
+/// The output pointer shared by the tasks of one product (each writes its own elements).
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `PackedI8::matmul`), and the pointer is used
+// only while the `&mut` it came from is borrowed.
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the output slice.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Integer sums of up to [`MR`] rows of `x` (`k4` bytes each) against one panel `w`.
+fn tile(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
+    let m = sums.len();
+    assert!((1..=MR).contains(&m) && x.len() == m * k4 && w.len() == k4 * NR);
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: isa() reports Avx2 only when the CPU has AVX2; bounds asserted above.
+        unsafe {
+            match m {
+                4 => avx2::tile::<4>(x, k4, w, sums),
+                3 => avx2::tile::<3>(x, k4, w, sums),
+                2 => avx2::tile::<2>(x, k4, w, sums),
+                _ => avx2::tile::<1>(x, k4, w, sums),
+            }
+        }
+        return;
+    }
+    tile_scalar(x, k4, w, sums);
+}
+
+/// The scalar reference of [`tile`].
+fn tile_scalar(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
+    for (r, s) in sums.iter_mut().enumerate() {
+        let xr = &x[r * k4..(r + 1) * k4];
+        *s = [0; NR];
+        for g in 0..k4 / 4 {
+            for (c, acc) in s.iter_mut().enumerate() {
+                for b in 0..4 {
+                    *acc += xr[g * 4 + b] as i32 * w[g * 4 * NR + c * 4 + b] as i32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::NR;
+
+    /// `R` rows × 16 columns; `vpmaddubsw` (u8 × s8, pairs into i16 — exact for 7-bit
+    /// weights) then `vpmaddwd` by ones into i32.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `x.len() >= R * k4`, `w.len() >= k4 * 16`, `k4 % 4 == 0`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tile<const R: usize>(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
+        assert!(sums.len() == R && x.len() >= R * k4 && w.len() >= k4 * NR && k4.is_multiple_of(4));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        for g in 0..k4 / 4 {
+            // SAFETY: group g (64 bytes) is inside w (k4 / 4 groups), and each row's 4-byte
+            // read at 4g is inside its k4 bytes.
+            unsafe {
+                let w0 = _mm256_loadu_si256(wp.add(g * 64) as *const __m256i);
+                let w1 = _mm256_loadu_si256(wp.add(g * 64 + 32) as *const __m256i);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb =
+                        _mm256_set1_epi32((xp.add(r * k4 + g * 4) as *const i32).read_unaligned());
+                    a[0] = _mm256_add_epi32(
+                        a[0],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones),
+                    );
+                    a[1] = _mm256_add_epi32(
+                        a[1],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones),
+                    );
+                }
+            }
+        }
+        for (a, s) in acc.iter().zip(sums.iter_mut()) {
+            // SAFETY: each `s` holds 16 i32.
+            unsafe {
+                _mm256_storeu_si256(s.as_mut_ptr() as *mut __m256i, a[0]);
+                _mm256_storeu_si256(s.as_mut_ptr().add(8) as *mut __m256i, a[1]);
+            }
+        }
+    }
+
+    /// [`super::epilogue`] for 16 columns.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; every slice holds 16 elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn finish_row(
+        s: &[i32; NR],
+        zp: i32,
+        sx: f32,
+        col_sums: &[i32],
+        scales: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        assert!(col_sums.len() == NR && scales.len() == NR && bias.len() == NR && out.len() == NR);
+        let (zpv, sxv) = (_mm256_set1_epi32(zp), _mm256_set1_ps(sx));
+        for h in 0..2 {
+            // SAFETY: h * 8 + 8 <= 16 elements of every slice.
+            unsafe {
+                let acc = _mm256_loadu_si256(s.as_ptr().add(h * 8) as *const __m256i);
+                let cs = _mm256_loadu_si256(col_sums.as_ptr().add(h * 8) as *const __m256i);
+                let exact = _mm256_sub_epi32(acc, _mm256_mullo_epi32(zpv, cs));
+                let f = _mm256_cvtepi32_ps(exact);
+                let m = _mm256_mul_ps(sxv, _mm256_loadu_ps(scales.as_ptr().add(h * 8)));
+                let y = _mm256_fmadd_ps(f, m, _mm256_loadu_ps(bias.as_ptr().add(h * 8)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(h * 8), y);
+            }
+        }
+    }
+
+    /// [`super::row_range`], eight lanes at a time (min and max are exact, so the lane
+    /// order does not matter).
+    ///
+    /// # Safety
+    /// AVX2 must be available; `inv_smooth`, if given, has `x`'s length.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn range(x: &[f32], inv_smooth: Option<&[f32]>) -> (f32, f32) {
+        assert!(inv_smooth.is_none_or(|s| s.len() == x.len()));
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let n8 = x.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= x.len() (and inv_smooth's length).
+            unsafe {
+                let mut v = _mm256_loadu_ps(x.as_ptr().add(i));
+                if let Some(s) = inv_smooth {
+                    v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(i)));
+                }
+                // min_ps(a, b) is `a < b ? a : b`, as in the scalar loop.
+                lo = _mm256_min_ps(v, lo);
+                hi = _mm256_max_ps(v, hi);
+            }
+        }
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: 8 floats each.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        let (mut lo, mut hi) = (0f32, 0f32);
+        for i in 0..8 {
+            lo = if l[i] < lo { l[i] } else { lo };
+            hi = if h[i] > hi { h[i] } else { hi };
+        }
+        for i in n8..x.len() {
+            let v = inv_smooth.map_or(x[i], |s| x[i] * s[i]);
+            lo = if v < lo { v } else { lo };
+            hi = if v > hi { v } else { hi };
+        }
+        (lo, hi)
+    }
+
+    /// The quantisation step of [`super::quantize_row`], eight elements at a time.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `out.len() >= x.len()`; `inv_smooth`, if given, has `x`'s
+    /// length.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize(
+        x: &[f32],
+        inv_smooth: Option<&[f32]>,
+        inv: f32,
+        zp: f32,
+        out: &mut [u8],
+    ) {
+        assert!(out.len() >= x.len() && inv_smooth.is_none_or(|s| s.len() == x.len()));
+        let (invv, zpv) = (_mm256_set1_ps(inv), _mm256_set1_ps(zp));
+        let (zero, top) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let n8 = x.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            // SAFETY: i + 8 <= x.len() <= out.len() (and inv_smooth's length).
+            unsafe {
+                let mut v = _mm256_loadu_ps(x.as_ptr().add(i));
+                if let Some(s) = inv_smooth {
+                    v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(i)));
+                }
+                let t = _mm256_add_ps(_mm256_mul_ps(v, invv), zpv);
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+                let c = _mm256_min_ps(_mm256_max_ps(r, zero), top);
+                let q = _mm256_cvtps_epi32(c);
+                let w16 =
+                    _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                let b8 = _mm_packus_epi16(w16, _mm_setzero_si128());
+                _mm_storel_epi64(out.as_mut_ptr().add(i) as *mut __m128i, b8);
+            }
+        }
+        for i in n8..x.len() {
+            let v = inv_smooth.map_or(x[i], |s| x[i] * s[i]);
+            out[i] = (v * inv + zp).round_ties_even().clamp(0.0, 255.0) as u8;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn simd_tile_equals_the_scalar_reference_and_exact_sums(
+            m in 1usize..=MR, groups in 1usize..40, seed in any::<u64>(), extreme in any::<bool>()
+        ) {
+            let k4 = groups * 4;
+            let mut next = rng(seed);
+            // Extremes (255 × ±63 everywhere) are where a saturating i16 would show.
+            let x: Vec<u8> = (0..m * k4).map(|_| if extreme { 255 } else { ((next() + 0.5) * 255.0) as u8 }).collect();
+            let w: Vec<i8> = (0..k4 * NR).map(|i| if extreme { if i % 3 == 0 { -63 } else { 63 } } else { (next() * 126.0).round() as i8 }).collect();
+            let mut want = vec![[0i32; NR]; m];
+            tile_scalar(&x, k4, &w, &mut want);
+            let mut got = vec![[7i32; NR]; m];
+            tile(&x, k4, &w, &mut got);
+            prop_assert_eq!(&got, &want);
+            for r in 0..m {
+                for c in 0..NR {
+                    let exact: i64 = (0..k4).map(|i| x[r * k4 + i] as i64 * w[(i / 4) * 4 * NR + c * 4 + i % 4] as i64).sum();
+                    prop_assert_eq!(want[r][c] as i64, exact);
+                }
+            }
+        }
+
+        #[test]
+        fn simd_quantisation_and_epilogue_equal_the_scalar_reference(
+            k in 1usize..80, seed in any::<u64>(), smooth in any::<bool>(), spread in 0.01f32..100.0
+        ) {
+            let mut next = rng(seed);
+            let x: Vec<f32> = (0..k).map(|_| next() * spread).collect();
+            let s: Vec<f32> = (0..k).map(|_| next() + 1.0).collect();
+            let sm = smooth.then_some(&s[..]);
+            let mut got = vec![0u8; k.next_multiple_of(4)];
+            let (scale, zp) = quantize_row(&x, sm, &mut got);
+            let mut lo = 0f32;
+            let mut hi = 0f32;
+            for (i, v) in x.iter().enumerate() {
+                let v = sm.map_or(*v, |s| v * s[i]);
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+            prop_assert_eq!(row_range(&x, sm), (lo, hi));
+            let inv = 1.0 / scale;
+            for (i, v) in x.iter().enumerate() {
+                let v = sm.map_or(*v, |s| v * s[i]);
+                let want = (v * inv + zp as f32).round_ties_even().clamp(0.0, 255.0) as u8;
+                prop_assert_eq!(got[i], want, "element {}", i);
+            }
+            let acc: [i32; NR] = std::array::from_fn(|_| (next() * 2e6) as i32);
+            let cs: Vec<i32> = (0..NR).map(|_| (next() * 2e3) as i32).collect();
+            let sw: Vec<f32> = (0..NR).map(|_| next().abs() * 0.01).collect();
+            let b: Vec<f32> = (0..NR).map(|_| next()).collect();
+            let mut out = vec![0f32; NR];
+            finish_row(&acc, zp, scale, &cs, &sw, &b, &mut out);
+            for c in 0..NR {
+                prop_assert_eq!(out[c].to_bits(), epilogue(acc[c], zp, cs[c], scale, sw[c], b[c]).to_bits());
+            }
+        }
+
+        #[test]
+        fn matmul_is_identical_across_threads_and_batch_and_close_to_f32(
+            rows in 1usize..40, k in 1usize..70, n in 1usize..40, seed in any::<u64>(), smooth in any::<bool>()
+        ) {
+            let mut next = rng(seed);
+            let x: Vec<f32> = (0..rows * k).map(|_| next() * 4.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let s: Vec<f32> = (0..k).map(|_| next() + 1.0).collect();
+            let sm = smooth.then_some(&s[..]);
+            let (q, scales) = quantize_weights(&w, k, sm);
+            let p = PackedI8::new(&q, &scales, &b, k, sm);
+            let mut one = vec![0f32; rows * n];
+            let mut two = vec![0f32; rows * n];
+            p.matmul(&x, &mut one, &ThreadPool::new(1).unwrap());
+            p.matmul(&x, &mut two, &ThreadPool::new(2).unwrap());
+            prop_assert_eq!(&one, &two);
+            let last = rows - 1;
+            let mut alone = vec![0f32; n];
+            p.matmul(&x[last * k..], &mut alone, &ThreadPool::new(1).unwrap());
+            prop_assert_eq!(&alone[..], &one[last * n..]);
+            // Against the float product: error bounded by the two quantisation steps.
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                let xmax = xr.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for j in 0..n {
+                    let exact: f32 = (0..k).map(|i| xr[i] * w[j * k + i]).sum::<f32>() + b[j];
+                    let wmax = (0..k).map(|i| (w[j * k + i] * sm.map_or(1.0, |s| s[i])).abs()).fold(0f32, f32::max);
+                    let bound = k as f32 * (xmax * 2.0 * wmax / 63.0 + 2.0 * xmax / 255.0 * wmax) + 1e-4;
+                    prop_assert!((one[r * n + j] - exact).abs() <= bound, "{} vs {}", one[r * n + j], exact);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_of_zeros_and_a_constant_row_quantise_without_dividing_by_zero() {
+        let mut out = [0u8; 4];
+        assert_eq!(quantize_row(&[0.0; 3], None, &mut out), (1.0, 0));
+        assert_eq!(out, [0; 4]);
+        let (s, zp) = quantize_row(&[-2.0; 4], None, &mut out);
+        assert_eq!((s, zp), (2.0 / 255.0, 255));
+        assert_eq!(out, [0; 4]);
+    }
+}
