@@ -241,6 +241,7 @@ fn main() {
         let mut single = lat;
         single.sort_by(f64::total_cmp);
         let single_p50 = percentile(&single, 0.5);
+        let single_p99 = percentile(&single, 0.99);
         let (sat, lat, err) = closed_loop(&client, &url, &texts, 64, seconds).await;
         report("saturation_64_clients", sat, lat, err);
         let (rate, lat, err) = open_loop(&client, &url, &texts, sat * 0.5, seconds).await;
@@ -255,6 +256,10 @@ fn main() {
         println!(
             "p99 at 50% load / single-request p50: {:.2}x ({p99:.2} vs {single_p50:.2} ms)",
             p99 / single_p50
+        );
+        println!(
+            "p99 at 50% load / single-request p99: {:.2}x ({p99:.2} vs {single_p99:.2} ms)",
+            p99 / single_p99
         );
     });
 }

@@ -31,6 +31,10 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// Engine threads shared by all models (default: physical cores).
     pub threads: Option<usize>,
+    /// Instances of every embedding/image/tensor model, each on `threads / instances` of
+    /// the threads and its own copy of the weights, taking batches from one queue (1: one
+    /// instance on all threads). Language models always run one instance on all threads.
+    pub instances: usize,
     /// Batching and queue limits.
     pub limits: BatchLimits,
     /// Required bearer token, if any.
@@ -102,9 +106,35 @@ pub struct State {
     /// Settings.
     pub options: ServeOptions,
     store: Store,
-    pool: ThreadPool,
+    pools: Pools,
     /// One reload at a time.
     reloading: Mutex<()>,
+}
+
+/// The engine threads: all of them (language models), and their split among instances.
+#[derive(Clone)]
+struct Pools {
+    whole: ThreadPool,
+    instances: Vec<ThreadPool>,
+}
+
+impl Pools {
+    fn new(threads: usize, instances: usize) -> Result<Pools, mote_engine::EngineError> {
+        if instances == 0 || instances > threads {
+            return Err(mote_engine::EngineError::Input(format!(
+                "--instances must be between 1 and the thread count ({threads}), got {instances}"
+            )));
+        }
+        let whole = ThreadPool::new(threads)?;
+        let instances = if instances == 1 {
+            vec![whole.clone()]
+        } else {
+            (0..instances)
+                .map(|_| ThreadPool::new(threads / instances))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Pools { whole, instances })
+    }
 }
 
 /// A served model whose reference now names another digest, swapped in by a reload.
@@ -175,7 +205,7 @@ impl State {
             }
             let new = open_served(
                 &self.store,
-                &self.pool,
+                &self.pools,
                 &old.reference,
                 &self.options.limits,
                 &self.metrics,
@@ -224,7 +254,7 @@ fn parse_reference(r: &str) -> Result<Reference, ServeError> {
 /// Open, verify and warm up the model `r` names, and start its worker.
 fn open_served(
     store: &Store,
-    pool: &ThreadPool,
+    pools: &Pools,
     r: &str,
     limits: &BatchLimits,
     metrics: &Arc<Metrics>,
@@ -234,15 +264,29 @@ fn open_served(
         source: Box::new(source),
     };
     let reference = parse_reference(r)?;
-    let model = Model::open(
-        store,
-        &reference,
-        &EngineOptions {
-            pool: Some(pool.clone()),
-            ..Default::default()
-        },
-    )
-    .map_err(err)?;
+    // Pin the digest once, so every instance opens the same model even if the tag moves
+    // meanwhile.
+    let info = store
+        .inspect(&reference)
+        .map_err(|e| err(mote_engine::EngineError::from(e)))?;
+    let pinned = Reference::Digest(info.digest);
+    let open = |pool: &ThreadPool| {
+        Model::open(
+            store,
+            &pinned,
+            &EngineOptions {
+                pool: Some(pool.clone()),
+                ..Default::default()
+            },
+        )
+        .map_err(err)
+    };
+    let llm = info.settings.task == Task::TextGeneration;
+    let model = open(if llm {
+        &pools.whole
+    } else {
+        &pools.instances[0]
+    })?;
     let name = match &reference {
         Reference::Tag(t) => t.name().to_string(),
         _ => model
@@ -271,15 +315,20 @@ fn open_served(
             ))
         }
         None => {
-            let pipeline = model.pipeline(None).map_err(err)?;
-            if let Pipeline::TextEmbedding(_) = &pipeline {
-                pipeline
-                    .run(mote_engine::Input::Texts(vec!["warm-up".into()]))
-                    .map_err(err)?;
+            let mut pipelines = vec![model.pipeline(None).map_err(err)?];
+            for pool in &pools.instances[1..] {
+                pipelines.push(open(pool)?.pipeline(None).map_err(err)?);
+            }
+            for pipeline in &pipelines {
+                if let Pipeline::TextEmbedding(_) = pipeline {
+                    pipeline
+                        .run(mote_engine::Input::Texts(vec!["warm-up".into()]))
+                        .map_err(err)?;
+                }
             }
             Runner::Pipeline(PipelineWorker::start(
                 name.clone(),
-                pipeline,
+                pipelines,
                 limits.clone(),
                 metrics.clone(),
             ))
@@ -308,14 +357,15 @@ pub fn load(
         reference: String::new(),
         source: Box::new(e),
     };
-    let pool = ThreadPool::new(
+    let pools = Pools::new(
         mote_engine::threads::resolve_threads(options.threads).map_err(engine_err)?,
+        options.instances,
     )
     .map_err(engine_err)?;
     let metrics = Arc::new(Metrics::default());
     let mut models: Vec<Arc<Served>> = Vec::new();
     for r in references {
-        let served = open_served(&store, &pool, r, &options.limits, &metrics)?;
+        let served = open_served(&store, &pools, r, &options.limits, &metrics)?;
         if models.iter().any(|m| m.name == served.name) {
             return Err(ServeError::DuplicateName(served.name));
         }
@@ -327,7 +377,7 @@ pub fn load(
         metrics,
         options,
         store,
-        pool,
+        pools,
         reloading: Mutex::new(()),
     })
 }

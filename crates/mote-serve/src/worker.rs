@@ -1,14 +1,15 @@
-//! Workers: one thread per served model that owns the model's compute. Requests reach it
-//! through a bounded queue (full → the caller answers 429); it forms a batch from whatever
+//! Workers: one thread per instance of a served model (usually one) that owns that
+//! instance's compute. Requests reach them through one bounded queue per model (full → the
+//! caller answers 429); a free instance forms a batch from whatever
 //! is queued when it frees up (bounded by items and tokens, optionally waiting up to
 //! `max_wait` for more), drops work whose client has gone, and answers through oneshot
 //! channels. Language models are decoded with continuous batching: new requests join
 //! between decoding steps.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mote_engine::llm::{BatchDecoder, GenerateOptions, Generation, Llm};
@@ -71,20 +72,32 @@ fn text_bytes(input: &Input) -> usize {
 }
 
 impl PipelineWorker {
-    /// Start the worker thread for `pipeline`.
+    /// Start one worker thread per pipeline (instances of the same model, each on its own
+    /// engine threads), all taking batches from one queue: while one instance computes,
+    /// the next forms its batch from what arrives, so a burst is spread over the instances
+    /// instead of waiting behind one long batch.
     pub fn start(
         name: String,
-        pipeline: Pipeline,
+        pipelines: Vec<Pipeline>,
         limits: BatchLimits,
         metrics: Arc<Metrics>,
     ) -> PipelineWorker {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(limits.max_queue);
+        let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
-        let d = depth.clone();
-        std::thread::Builder::new()
-            .name(format!("mote-worker-{name}"))
-            .spawn(move || pipeline_loop(&name, pipeline, rx, limits, d, metrics))
-            .expect("start a worker thread");
+        for (i, pipeline) in pipelines.into_iter().enumerate() {
+            let (rx, d, limits, metrics, name) = (
+                rx.clone(),
+                depth.clone(),
+                limits.clone(),
+                metrics.clone(),
+                name.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("mote-worker-{name}-{i}"))
+                .spawn(move || pipeline_loop(&name, pipeline, &rx, limits, d, metrics))
+                .expect("start a worker thread");
+        }
         PipelineWorker { tx, depth }
     }
 
@@ -110,11 +123,39 @@ impl PipelineWorker {
 fn pipeline_loop(
     name: &str,
     pipeline: Pipeline,
-    rx: Receiver<Job>,
+    rx: &Mutex<Receiver<Job>>,
     limits: BatchLimits,
     depth: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 ) {
+    loop {
+        // Form a batch holding the queue (other instances wait for it), then compute
+        // without it.
+        let (batch, alone) = {
+            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match rx.recv() {
+                Ok(first) => gather(first, &rx, &limits, &depth),
+                Err(_) => return,
+            }
+        };
+        if !batch.is_empty() {
+            run_batch(name, &pipeline, batch, &metrics);
+        }
+        if let Some(job) = alone {
+            run_batch(name, &pipeline, vec![job], &metrics);
+        }
+    }
+}
+
+/// A batch starting with `first`: whatever is queued, bounded by items and bytes, waiting
+/// up to `max_wait` for more. A tensor request is never merged: it comes back second, to
+/// be run on its own after the batch.
+fn gather(
+    first: Job,
+    rx: &Receiver<Job>,
+    limits: &BatchLimits,
+    depth: &AtomicUsize,
+) -> (Vec<Job>, Option<Job>) {
     let take = |job: Job, batch: &mut Vec<Job>| {
         depth.fetch_sub(1, Ordering::Relaxed);
         // A client that went away has its work dropped before it is computed.
@@ -122,51 +163,46 @@ fn pipeline_loop(
             batch.push(job);
         }
     };
-    while let Ok(first) = rx.recv() {
-        let mut batch = Vec::new();
-        take(first, &mut batch);
-        let deadline = Instant::now() + limits.max_wait;
-        let mergeable = |b: &Vec<Job>| {
-            b.first()
-                .is_none_or(|j| !matches!(j.input, Input::Tensors(_)))
-        };
-        while mergeable(&batch) {
-            let n: usize = batch.iter().map(|j| items(&j.input)).sum();
-            let bytes: usize = batch.iter().map(|j| text_bytes(&j.input)).sum();
-            if n >= limits.max_items || bytes >= limits.max_text_bytes {
-                break;
-            }
-            let next = match rx.try_recv() {
-                Ok(j) => Some(j),
-                Err(TryRecvError::Empty) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        None
-                    } else {
-                        match rx.recv_timeout(left) {
-                            Ok(j) => Some(j),
-                            Err(RecvTimeoutError::Timeout) => None,
-                            Err(RecvTimeoutError::Disconnected) => None,
-                        }
+    let mut batch = Vec::new();
+    take(first, &mut batch);
+    let deadline = Instant::now() + limits.max_wait;
+    let mergeable = |b: &Vec<Job>| {
+        b.first()
+            .is_none_or(|j| !matches!(j.input, Input::Tensors(_)))
+    };
+    while mergeable(&batch) {
+        let n: usize = batch.iter().map(|j| items(&j.input)).sum();
+        let bytes: usize = batch.iter().map(|j| text_bytes(&j.input)).sum();
+        if n >= limits.max_items || bytes >= limits.max_text_bytes {
+            break;
+        }
+        let next = match rx.try_recv() {
+            Ok(j) => Some(j),
+            Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    None
+                } else {
+                    match rx.recv_timeout(left) {
+                        Ok(j) => Some(j),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => None,
                     }
                 }
-                Err(TryRecvError::Disconnected) => None,
-            };
-            match next {
-                Some(j) if matches!(j.input, Input::Tensors(_)) => {
-                    // Tensors are run alone: answer this batch first, then that one.
-                    run_batch(name, &pipeline, std::mem::take(&mut batch), &metrics);
-                    take(j, &mut batch);
-                    break;
-                }
-                Some(j) => take(j, &mut batch),
-                None => break,
             }
-        }
-        if !batch.is_empty() {
-            run_batch(name, &pipeline, batch, &metrics);
+            Err(TryRecvError::Disconnected) => None,
+        };
+        match next {
+            Some(j) if matches!(j.input, Input::Tensors(_)) => {
+                depth.fetch_sub(1, Ordering::Relaxed);
+                let alone = (!j.reply.is_closed()).then_some(j);
+                return (batch, alone);
+            }
+            Some(j) => take(j, &mut batch),
+            None => break,
         }
     }
+    (batch, None)
 }
 
 /// Run the jobs of one batch as one input and hand each its share of the output.

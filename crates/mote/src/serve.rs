@@ -23,6 +23,12 @@ pub struct ServeArgs {
     /// Engine threads shared by all models (default: $MOTE_THREADS, else physical cores).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Run N instances of every embedding/image/tensor model, each on threads/N of the
+    /// threads (and its own copy of the weights), taking batches from one queue: tail
+    /// latency under concurrent load drops, single-request latency rises. Language models
+    /// always run one instance on all threads.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    instances: usize,
     /// Most items (texts, images) or sequences per engine step.
     #[arg(long, default_value_t = 32, value_name = "N")]
     max_batch_items: usize,
@@ -119,9 +125,17 @@ pub fn run(store: Store, a: ServeArgs) -> Result<ExitCode> {
     if a.max_queue == 0 || a.max_batch_items == 0 {
         bail!("--max-queue and --max-batch-items must be at least 1");
     }
+    let threads = mote_engine::threads::resolve_threads(a.threads)?;
+    if a.instances == 0 || a.instances > threads {
+        bail!(
+            "--instances must be between 1 and the engine thread count ({threads}); \
+             raise --threads or lower --instances"
+        );
+    }
     let options = ServeOptions {
         addr: a.addr,
-        threads: a.threads,
+        threads: Some(threads),
+        instances: a.instances,
         limits: BatchLimits {
             max_items: a.max_batch_items,
             max_text_bytes: a.max_batch_tokens.saturating_mul(4),

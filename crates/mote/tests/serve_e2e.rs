@@ -248,10 +248,13 @@ fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
     let v2 = import(&store, &minilm_dir(), "emb:v2", &["--no-normalize"]);
     assert_ne!(v1, v2);
     ok(mote(&store).args(["tag", "emb:v1", "emb"]));
-    let server = Server::start(&store, &["emb", "--threads", "2"]);
+    // Two instances (one thread each) take batches from one queue: reloads swap both, and
+    // both compute the same bits.
+    let server = Server::start(&store, &["emb", "--threads", "2", "--instances", "2"]);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let body = r#"{"model":"emb","input":["the tag moves while we ask","again"]}"#;
-    let seen: Vec<Vec<(u16, Option<String>, f64)>> = std::thread::scope(|s| {
+    type Seen = (u16, Option<String>, f64, Vec<u32>);
+    let seen: Vec<Vec<Seen>> = std::thread::scope(|s| {
         let clients: Vec<_> = (0..4)
             .map(|_| {
                 s.spawn(|| {
@@ -259,8 +262,12 @@ fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         let (status, head, body) =
                             http(&server.addr, "POST", "/v1/embeddings", body);
-                        let norm = serde_json::from_str::<serde_json::Value>(&body)
-                            .ok()
+                        let parsed = serde_json::from_str::<serde_json::Value>(&body).ok();
+                        let bits = parsed
+                            .as_ref()
+                            .map(|v| f32_bits(&v["data"][0]["embedding"]))
+                            .unwrap_or_default();
+                        let norm = parsed
                             .and_then(|v| {
                                 let e = v["data"][0]["embedding"].as_array()?.clone();
                                 Some(
@@ -271,7 +278,7 @@ fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
                                 )
                             })
                             .unwrap_or(f64::NAN);
-                        seen.push((status, digest_of(&head), norm));
+                        seen.push((status, digest_of(&head), norm, bits));
                     }
                     seen
                 })
@@ -313,14 +320,21 @@ fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
     eprintln!("{total} requests during the swaps");
     for (i, client) in seen.iter().enumerate() {
         assert!(
-            client.iter().all(|(status, _, _)| *status == 200),
+            client.iter().all(|(status, ..)| *status == 200),
             "client {i}: a request failed during a swap: {:?}",
             client.iter().filter(|r| r.0 != 200).collect::<Vec<_>>()
         );
         // Each client sees v1, then v2, then v1 again: never a flip back and forth.
         let mut phases: Vec<&str> = Vec::new();
-        for (_, d, norm) in client {
+        for (_, d, norm, bits) in client {
             let d = d.as_deref().expect("every response names its digest");
+            // Whichever instance answered, a version's vector has the same bits.
+            let first = seen
+                .iter()
+                .flatten()
+                .find(|r| r.1.as_deref() == Some(d))
+                .expect("this response itself");
+            assert_eq!(bits, &first.3, "{d}: instances disagree");
             // The vectors are the named version's: v1 normalised, v2 not.
             assert_eq!((norm - 1.0).abs() < 1e-4, d == v1, "{d}: norm {norm}");
             if phases.last() != Some(&d) {
