@@ -68,6 +68,8 @@ fn main() {
                 evaluation: mote_engine::quantize::sentences(mote_engine::quantize::EVALUATION),
                 alpha: 0.5,
                 keep_f32: Vec::new(),
+                outliers: std::env::var("BENCH_OUTLIERS")
+                    .map_or(4, |v| v.parse().expect("BENCH_OUTLIERS")),
                 threads: 2,
             },
         )

@@ -41,6 +41,10 @@ pub struct QuantizeArgs {
     /// `encoder.layer.5.output.dense`.
     #[arg(long, value_name = "MODULE", value_delimiter = ',')]
     keep_f32: Vec<String>,
+    /// Per product, compute this many outlier input channels (the widest calibrated
+    /// ranges after smoothing) in float instead of int8.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    outliers: usize,
     /// Refuse to store the result if the lowest cosine to the float model is below this.
     #[arg(long, default_value_t = 0.995)]
     min_cosine: f64,
@@ -81,6 +85,7 @@ pub fn run(store: &Store, a: QuantizeArgs) -> Result<ExitCode> {
         evaluation: read_set(&a.evaluation, quantize::EVALUATION)?,
         alpha: a.alpha,
         keep_f32: a.keep_f32.clone(),
+        outliers: a.outliers,
         threads: mote_engine::threads::resolve_threads(a.threads)?,
     };
     eprintln!(
@@ -111,6 +116,7 @@ pub fn run(store: &Store, a: QuantizeArgs) -> Result<ExitCode> {
             ("evaluation_digest".into(), r.evaluation_digest.to_string()),
             ("evaluation_sentences".into(), r.sentences.to_string()),
             ("alpha".into(), r.alpha.to_string()),
+            ("outlier_channels".into(), r.outliers.to_string()),
             ("cosine_min".into(), format!("{:.6}", r.cosine_min)),
             ("cosine_mean".into(), format!("{:.6}", r.cosine_mean)),
         ]);

@@ -78,6 +78,8 @@ enum Linear {
         b: Vec<f32>,
         k: usize,
         smooth: Option<Vec<f32>>,
+        /// Input channels computed in float, and their weights `[out, channels]`.
+        outliers: (Vec<usize>, Vec<f32>),
     },
 }
 
@@ -91,7 +93,15 @@ impl Linear {
                 b,
                 k,
                 smooth,
-            } => Proj::I8(PackedI8::new(&q, &scales, &b, k, smooth.as_deref())),
+                outliers,
+            } => Proj::I8(PackedI8::new(
+                &q,
+                &scales,
+                &b,
+                k,
+                smooth.as_deref(),
+                (&outliers.0, &outliers.1),
+            )),
         }
     }
 
@@ -115,12 +125,14 @@ impl Linear {
                     b: bq,
                     k,
                     smooth,
+                    outliers: oq,
                 },
                 Linear::I8 {
                     q: qk,
                     scales: sk,
                     b: bk,
                     smooth: smooth_k,
+                    outliers: ok,
                     ..
                 },
                 Linear::I8 {
@@ -128,15 +140,19 @@ impl Linear {
                     scales: sv,
                     b: bv,
                     smooth: smooth_v,
+                    outliers: ov,
                     ..
                 },
-            ] if smooth == smooth_k && smooth == smooth_v => Ok(Proj::I8(PackedI8::new(
-                &[qq, qk, qv].concat(),
-                &[sq, sk, sv].concat(),
-                &[bq, bk, bv].concat(),
-                k,
-                smooth.as_deref(),
-            ))),
+            ] if smooth == smooth_k && smooth == smooth_v && oq.0 == ok.0 && oq.0 == ov.0 => {
+                Ok(Proj::I8(PackedI8::new(
+                    &[qq, qk, qv].concat(),
+                    &[sq, sk, sv].concat(),
+                    &[bq, bk, bv].concat(),
+                    k,
+                    smooth.as_deref(),
+                    (&oq.0, &[oq.1, ok.1, ov.1].concat()),
+                )))
+            }
             _ => Err(EngineError::Model(format!(
                 "{name}: query, key and value must share one precision and smoothing vector; \
                  re-run `mote quantize` on the float model"
@@ -222,6 +238,14 @@ impl Weights<'_> {
             .contains_key(&format!("{}{name}", self.prefix))
     }
 
+    fn shape(&self, name: &str) -> Vec<u64> {
+        self.header
+            .tensors
+            .get(&format!("{}{name}", self.prefix))
+            .map(|t| t.shape.clone())
+            .unwrap_or_default()
+    }
+
     fn dtype(&self, name: &str) -> Option<&str> {
         self.header
             .tensors
@@ -294,12 +318,32 @@ impl Weights<'_> {
             } else {
                 None
             };
+            let channels_name = format!("{name}.outlier_channels");
+            let outliers = if self.has(&channels_name) {
+                let t = self.shape(&channels_name).first().copied().unwrap_or(0) as usize;
+                let channels: Vec<usize> = self
+                    .raw(&channels_name, &[t], "I64")?
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .map(|c| usize::try_from(c).ok().filter(|&c| c < inp))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        EngineError::Model(format!(
+                            "{channels_name} names a channel outside 0..{inp}"
+                        ))
+                    })?;
+                let w = self.get(&format!("{name}.outlier_weight"), &[out, t])?;
+                (channels, w)
+            } else {
+                (Vec::new(), Vec::new())
+            };
             return Ok(Linear::I8 {
                 q,
                 scales: self.get(&format!("{name}.weight_scale"), &[out])?,
                 b,
                 k: inp,
                 smooth,
+                outliers,
             });
         }
         Ok(Linear::F32 {

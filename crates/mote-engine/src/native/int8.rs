@@ -62,8 +62,14 @@ pub struct PackedI8 {
     /// Per output column: sum of its integer weights (for the activation zero point).
     col_sums: Vec<i32>,
     bias: Vec<f32>,
-    /// Per input channel: `1 / smooth`, applied to activations before rounding.
+    /// Per input channel: `1 / smooth`, applied to activations before rounding; 0 for the
+    /// outlier channels (so they are left out of the row's range and contribute nothing).
     inv_smooth: Option<Vec<f32>>,
+    /// Outlier input channels computed in f32 instead (their int8 weights are zero and
+    /// their activations are left out of the row's range).
+    outliers: Vec<usize>,
+    /// Their float weights, `[outliers, n]` (one row of `n` per channel).
+    outlier_w: Vec<f32>,
     n: usize,
     k: usize,
     /// `k` rounded up to 4 (the packing pads with zero weights).
@@ -71,18 +77,29 @@ pub struct PackedI8 {
 }
 
 impl PackedI8 {
-    /// Pack quantised weights `q: [n, k]` with their per-row `scales`, `bias: [n]` and the
-    /// smoothing vector they were quantised with (if any).
+    /// Pack quantised weights `q: [n, k]` with their per-row `scales`, `bias: [n]`, the
+    /// smoothing vector they were quantised with (if any), and the outlier channels kept in
+    /// float with their weights `[n, outliers]` (row-major, as stored).
     pub fn new(
         q: &[i8],
         scales: &[f32],
         bias: &[f32],
         k: usize,
         smooth: Option<&[f32]>,
+        outliers: (&[usize], &[f32]),
     ) -> PackedI8 {
         let n = bias.len();
         assert_eq!(q.len(), n * k, "weight shape");
         assert_eq!(scales.len(), n, "scales shape");
+        let (channels, ow) = outliers;
+        let t = channels.len();
+        assert!(
+            channels.iter().all(|&c| c < k) && ow.len() == n * t,
+            "outlier shape"
+        );
+        let outlier_w: Vec<f32> = (0..t)
+            .flat_map(|i| (0..n).map(move |j| ow[j * t + i]))
+            .collect();
         assert!(
             q.iter().all(|&v| (v as i32).abs() <= WMAX),
             "weights beyond 7 bits"
@@ -104,7 +121,17 @@ impl PackedI8 {
                 .map(|j| q[j * k..(j + 1) * k].iter().map(|&v| v as i32).sum())
                 .collect(),
             bias: bias.to_vec(),
-            inv_smooth: smooth.map(|s| s.iter().map(|v| 1.0 / v).collect()),
+            inv_smooth: (smooth.is_some() || !channels.is_empty()).then(|| {
+                (0..k)
+                    .map(|i| match smooth {
+                        _ if channels.contains(&i) => 0.0,
+                        Some(s) => 1.0 / s[i],
+                        None => 1.0,
+                    })
+                    .collect()
+            }),
+            outliers: channels.to_vec(),
+            outlier_w,
             n,
             k,
             k4,
@@ -143,7 +170,8 @@ impl PackedI8 {
                 let (q, p) = &mut c[0];
                 for (r, (qr, pr)) in q.chunks_exact_mut(k4).zip(p.iter_mut()).enumerate() {
                     let row = b * per + r;
-                    *pr = quantize_row(&x[row * k..(row + 1) * k], self.inv_smooth.as_deref(), qr);
+                    let xr = &x[row * k..(row + 1) * k];
+                    *pr = quantize_row(xr, self.inv_smooth.as_deref(), qr);
                 }
             });
         }
@@ -179,11 +207,19 @@ impl PackedI8 {
                     let (sx, zp) = params[r0 + i];
                     finish_row(
                         s,
-                        zp,
-                        sx,
-                        &self.col_sums[j0..j0 + cols],
-                        &self.scales[j0..j0 + cols],
-                        &self.bias[j0..j0 + cols],
+                        (zp, sx),
+                        (
+                            &self.col_sums[j0..j0 + cols],
+                            &self.scales[j0..j0 + cols],
+                            &self.bias[j0..j0 + cols],
+                        ),
+                        Outliers {
+                            x: &x[(r0 + i) * k..(r0 + i + 1) * k],
+                            channels: &self.outliers,
+                            w: &self.outlier_w,
+                            n,
+                            j0,
+                        },
                         row,
                     );
                 }
@@ -199,24 +235,44 @@ fn epilogue(acc: i32, zp: i32, col_sum: i32, sx: f32, sw: f32, bias: f32) -> f32
     ((acc - zp * col_sum) as f32).mul_add(sx * sw, bias)
 }
 
-/// [`epilogue`] for one row of a panel: `out.len()` columns (≤ 16).
+/// A row's outlier channels, computed in float after the integer part.
+struct Outliers<'a> {
+    /// The row's (unquantised) activations.
+    x: &'a [f32],
+    /// Channel indices, ascending.
+    channels: &'a [usize],
+    /// Their weights, `[channels, n]`.
+    w: &'a [f32],
+    n: usize,
+    /// First column of the panel.
+    j0: usize,
+}
+
+/// One row of a panel (`out.len()` ≤ 16 columns): [`epilogue`], then each outlier channel
+/// in order as one FMA per element, `y = fma(x[c], w[c][j], y)`. The AVX2 path does the
+/// same operations in registers.
 fn finish_row(
     s: &[i32; NR],
-    zp: i32,
-    sx: f32,
-    col_sums: &[i32],
-    scales: &[f32],
-    bias: &[f32],
+    (zp, sx): (i32, f32),
+    (col_sums, scales, bias): (&[i32], &[f32], &[f32]),
+    o: Outliers,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if isa() >= Isa::Avx2 && out.len() == NR {
-        // SAFETY: AVX2 and FMA present; every slice holds 16 elements.
-        unsafe { avx2::finish_row(s, zp, sx, col_sums, scales, bias, out) };
+        // SAFETY: AVX2 and FMA present; every slice holds 16 elements, and each outlier
+        // row of `o.w` has 16 columns from `o.j0` (the panel is full).
+        unsafe { avx2::finish_row(s, zp, sx, col_sums, scales, bias, &o, out) };
         return;
     }
     for (c, d) in out.iter_mut().enumerate() {
         *d = epilogue(s[c], zp, col_sums[c], sx, scales[c], bias[c]);
+    }
+    for (t, &ch) in o.channels.iter().enumerate() {
+        let w = &o.w[t * o.n + o.j0..][..out.len()];
+        for (d, w) in out.iter_mut().zip(w) {
+            *d = o.x[ch].mul_add(*w, *d);
+        }
     }
 }
 
@@ -365,6 +421,7 @@ mod avx2 {
     ///
     /// # Safety
     /// AVX2 and FMA must be available; every slice holds 16 elements.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn finish_row(
         s: &[i32; NR],
@@ -373,11 +430,14 @@ mod avx2 {
         col_sums: &[i32],
         scales: &[f32],
         bias: &[f32],
+        o: &super::Outliers,
         out: &mut [f32],
     ) {
         assert!(col_sums.len() == NR && scales.len() == NR && bias.len() == NR && out.len() == NR);
+        assert!(o.w.len() >= o.channels.len() * o.n && o.j0 + NR <= o.n);
         let (zpv, sxv) = (_mm256_set1_epi32(zp), _mm256_set1_ps(sx));
-        for h in 0..2 {
+        let mut y = [_mm256_setzero_ps(); 2];
+        for (h, y) in y.iter_mut().enumerate() {
             // SAFETY: h * 8 + 8 <= 16 elements of every slice.
             unsafe {
                 let acc = _mm256_loadu_si256(s.as_ptr().add(h * 8) as *const __m256i);
@@ -385,9 +445,22 @@ mod avx2 {
                 let exact = _mm256_sub_epi32(acc, _mm256_mullo_epi32(zpv, cs));
                 let f = _mm256_cvtepi32_ps(exact);
                 let m = _mm256_mul_ps(sxv, _mm256_loadu_ps(scales.as_ptr().add(h * 8)));
-                let y = _mm256_fmadd_ps(f, m, _mm256_loadu_ps(bias.as_ptr().add(h * 8)));
-                _mm256_storeu_ps(out.as_mut_ptr().add(h * 8), y);
+                *y = _mm256_fmadd_ps(f, m, _mm256_loadu_ps(bias.as_ptr().add(h * 8)));
             }
+        }
+        for (t, &c) in o.channels.iter().enumerate() {
+            let xb = _mm256_set1_ps(o.x[c]);
+            // SAFETY: outlier row t's columns j0 .. j0 + 16 are inside its n (asserted).
+            unsafe {
+                let w = o.w.as_ptr().add(t * o.n + o.j0);
+                y[0] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), y[0]);
+                y[1] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(8)), y[1]);
+            }
+        }
+        // SAFETY: `out` holds 16 floats.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), y[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), y[1]);
         }
     }
 
@@ -539,16 +612,26 @@ mod tests {
             let cs: Vec<i32> = (0..NR).map(|_| (next() * 2e3) as i32).collect();
             let sw: Vec<f32> = (0..NR).map(|_| next().abs() * 0.01).collect();
             let b: Vec<f32> = (0..NR).map(|_| next()).collect();
+            // Two outlier channels of a 32-column matrix, second panel.
+            let ox: Vec<f32> = (0..k.max(2)).map(|_| next()).collect();
+            let ow: Vec<f32> = (0..2 * 32).map(|_| next()).collect();
+            let channels = [0, k.max(2) - 1];
             let mut out = vec![0f32; NR];
-            finish_row(&acc, zp, scale, &cs, &sw, &b, &mut out);
+            let o = Outliers { x: &ox, channels: &channels, w: &ow, n: 32, j0: 16 };
+            finish_row(&acc, (zp, scale), (&cs, &sw, &b), o, &mut out);
             for c in 0..NR {
-                prop_assert_eq!(out[c].to_bits(), epilogue(acc[c], zp, cs[c], scale, sw[c], b[c]).to_bits());
+                let mut want = epilogue(acc[c], zp, cs[c], scale, sw[c], b[c]);
+                for (t, &ch) in channels.iter().enumerate() {
+                    want = ox[ch].mul_add(ow[t * 32 + 16 + c], want);
+                }
+                prop_assert_eq!(out[c].to_bits(), want.to_bits());
             }
         }
 
         #[test]
         fn matmul_is_identical_across_threads_and_batch_and_close_to_f32(
-            rows in 1usize..40, k in 1usize..70, n in 1usize..40, seed in any::<u64>(), smooth in any::<bool>()
+            rows in 1usize..40, k in 1usize..70, n in 1usize..40, seed in any::<u64>(), smooth in any::<bool>(),
+            n_out in 0usize..3
         ) {
             let mut next = rng(seed);
             let x: Vec<f32> = (0..rows * k).map(|_| next() * 4.0).collect();
@@ -556,8 +639,13 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|_| next()).collect();
             let s: Vec<f32> = (0..k).map(|_| next() + 1.0).collect();
             let sm = smooth.then_some(&s[..]);
-            let (q, scales) = quantize_weights(&w, k, sm);
-            let p = PackedI8::new(&q, &scales, &b, k, sm);
+            // Outlier channels: float weights [n, t], zero in the int8 weights.
+            let channels: Vec<usize> = (0..n_out.min(k)).map(|i| i * (k - 1) / 2).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let ow: Vec<f32> = (0..n).flat_map(|j| channels.iter().map(move |&c| (j, c))).map(|(j, c)| w[j * k + c]).collect();
+            let mut wz = w.clone();
+            for j in 0..n { for &c in &channels { wz[j * k + c] = 0.0; } }
+            let (q, scales) = quantize_weights(&wz, k, sm);
+            let p = PackedI8::new(&q, &scales, &b, k, sm, (&channels, &ow));
             let mut one = vec![0f32; rows * n];
             let mut two = vec![0f32; rows * n];
             p.matmul(&x, &mut one, &ThreadPool::new(1).unwrap());

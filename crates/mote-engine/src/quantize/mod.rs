@@ -49,6 +49,9 @@ pub struct Int8Options {
     pub alpha: f32,
     /// Products kept in float, by module name (e.g. `encoder.layer.5.output.dense`).
     pub keep_f32: Vec<String>,
+    /// Per product, the input channels with the widest calibrated range (after smoothing)
+    /// computed in float instead of int8 (LLM.int8()-style decomposition).
+    pub outliers: usize,
     /// Threads.
     pub threads: usize,
 }
@@ -95,6 +98,8 @@ pub struct FidelityReport {
     pub fp32_products: Vec<String>,
     /// SmoothQuant α.
     pub alpha: f32,
+    /// Outlier channels per product computed in float.
+    pub outliers: usize,
 }
 
 /// Sentences from a text file: one per non-empty line.
@@ -192,6 +197,7 @@ pub fn quantize_int8(
         "weights": "int8 per output channel, symmetric, 7-bit (-63..=63)",
         "activations": "uint8 per token, asymmetric, dynamic",
         "smoothquant_alpha": opts.alpha,
+        "outlier_channels_per_product": opts.outliers,
         "fp32_modules": fp32_products,
         "calibration_digest": digest_of(&opts.calibration).to_string(),
     });
@@ -231,6 +237,7 @@ pub fn quantize_int8(
         int8_products,
         fp32_products,
         alpha: opts.alpha,
+        outliers: opts.outliers,
     };
     Ok(Quantized {
         files: vec![
@@ -374,9 +381,46 @@ fn quantize_weights_file(
                     })
                     .collect()
             });
-            for (name, w, shape) in mats {
+            // The channels whose (smoothed) range is widest go through the float path.
+            let mut order: Vec<usize> = (0..k).collect();
+            let reach = |i: usize| act[i] / smooth.as_ref().map_or(1.0, |s| s[i]);
+            order.sort_by(|&a, &b| reach(b).total_cmp(&reach(a)).then(a.cmp(&b)));
+            let mut outliers: Vec<usize> = order.into_iter().take(opts.outliers.min(k)).collect();
+            outliers.sort_unstable();
+            for (name, mut w, shape) in mats {
+                let n = shape[0] as usize;
+                let float_w: Vec<f32> = (0..n)
+                    .flat_map(|j| outliers.iter().map(move |&c| (j, c)))
+                    .map(|(j, c)| w[j * k + c])
+                    .collect();
+                for j in 0..n {
+                    for &c in &outliers {
+                        w[j * k + c] = 0.0;
+                    }
+                }
                 let (q, scales) = quantize_weights(&w, k, smooth.as_deref());
                 let base = name.trim_end_matches(".weight");
+                if !outliers.is_empty() {
+                    out.insert(
+                        format!("{base}.outlier_channels"),
+                        Out {
+                            dtype: "I64",
+                            shape: vec![outliers.len() as u64],
+                            bytes: outliers
+                                .iter()
+                                .flat_map(|&c| (c as i64).to_le_bytes())
+                                .collect(),
+                        },
+                    );
+                    out.insert(
+                        format!("{base}.outlier_weight"),
+                        Out {
+                            dtype: "F32",
+                            shape: vec![n as u64, outliers.len() as u64],
+                            bytes: f32_bytes(&float_w),
+                        },
+                    );
+                }
                 out.insert(
                     name.clone(),
                     Out {
