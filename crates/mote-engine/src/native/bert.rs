@@ -332,6 +332,11 @@ impl Weights<'_> {
                             "{channels_name} names a channel outside 0..{inp}"
                         ))
                     })?;
+                if channels.windows(2).any(|p| p[0] >= p[1]) {
+                    return Err(EngineError::Model(format!(
+                        "{channels_name} must list channels in increasing order, each once"
+                    )));
+                }
                 let w = self.get(&format!("{name}.outlier_weight"), &[out, t])?;
                 (channels, w)
             } else {

@@ -521,6 +521,131 @@ mod tests {
         assert!(c.iter().all(|s| !e.contains(s)));
     }
 
+    /// A one-layer BERT with hidden 8 (2 heads), feed-forward 16, vocabulary 10.
+    fn tiny_bert() -> (Vec<u8>, Vec<u8>) {
+        let config = br#"{"model_type":"bert","hidden_size":8,"num_hidden_layers":1,
+            "num_attention_heads":2,"intermediate_size":16,"max_position_embeddings":16}"#;
+        let mut seed = 7u64;
+        let mut t = BTreeMap::new();
+        let mut add = |name: &str, shape: &[u64]| {
+            let n: u64 = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+                })
+                .collect();
+            t.insert(
+                name.to_string(),
+                Out {
+                    dtype: "F32",
+                    shape: shape.to_vec(),
+                    bytes: f32_bytes(&v),
+                },
+            );
+        };
+        add("embeddings.word_embeddings.weight", &[10, 8]);
+        add("embeddings.position_embeddings.weight", &[16, 8]);
+        add("embeddings.token_type_embeddings.weight", &[2, 8]);
+        for n in [
+            "embeddings.LayerNorm",
+            "encoder.layer.0.attention.output.LayerNorm",
+            "encoder.layer.0.output.LayerNorm",
+        ] {
+            add(&format!("{n}.weight"), &[8]);
+            add(&format!("{n}.bias"), &[8]);
+        }
+        for (n, o, i) in [
+            ("attention.self.query", 8, 8),
+            ("attention.self.key", 8, 8),
+            ("attention.self.value", 8, 8),
+            ("attention.output.dense", 8, 8),
+            ("intermediate.dense", 16, 8),
+            ("output.dense", 8, 16),
+        ] {
+            add(&format!("encoder.layer.0.{n}.weight"), &[o, i]);
+            add(&format!("encoder.layer.0.{n}.bias"), &[o]);
+        }
+        (config.to_vec(), write_safetensors(&t, &BTreeMap::new()))
+    }
+
+    fn tensors(file: &[u8]) -> BTreeMap<String, Out> {
+        let h = Header::read(file, file.len() as u64).unwrap();
+        let at = 8 + h.header_len as usize;
+        h.tensors
+            .iter()
+            .map(|(n, t)| {
+                let dtype = match t.dtype.as_str() {
+                    "F32" => "F32",
+                    "I8" => "I8",
+                    _ => "I64",
+                };
+                let b =
+                    file[at + t.data_offsets[0] as usize..at + t.data_offsets[1] as usize].to_vec();
+                (
+                    n.clone(),
+                    Out {
+                        dtype,
+                        shape: t.shape.clone(),
+                        bytes: b,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn int8_files_load_and_damaged_ones_are_refused_with_reasons() {
+        let (config, file) = tiny_bert();
+        let ranges: ActivationRanges =
+            vec![[vec![1.0; 8], vec![2.0; 8], vec![1.0; 8], vec![3.0; 16]]];
+        let opts = Int8Options {
+            calibration: vec!["x".into()],
+            evaluation: vec!["x".into()],
+            alpha: 0.5,
+            keep_f32: Vec::new(),
+            outliers: 2,
+            threads: 1,
+        };
+        let (int8, kept, n) = quantize_weights_file(&file, &ranges, 1, &opts).unwrap();
+        assert!(kept.is_empty() && n == 6);
+        let pool = ThreadPool::new(1).unwrap();
+        let bert = Bert::load(&config, &int8, pool.clone()).unwrap();
+        assert!(bert.is_int8());
+        let damaged = |f: &dyn Fn(&mut BTreeMap<String, Out>)| {
+            let mut t = tensors(&int8);
+            f(&mut t);
+            let file = write_safetensors(&t, &BTreeMap::new());
+            match Bert::load(&config, &file, pool.clone()) {
+                Ok(_) => panic!("a damaged file loaded"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let w = "encoder.layer.0.output.dense";
+        let e = damaged(&|t| t.get_mut(&format!("{w}.weight")).unwrap().bytes[0] = 100);
+        assert!(e.contains("beyond the 7-bit range"), "{e}");
+        let e = damaged(&|t| {
+            t.get_mut(&format!("{w}.outlier_channels")).unwrap().bytes =
+                [5i64, 3].iter().flat_map(|c| c.to_le_bytes()).collect()
+        });
+        assert!(e.contains("increasing order"), "{e}");
+        let e = damaged(&|t| {
+            t.get_mut(&format!("{w}.outlier_channels")).unwrap().bytes =
+                [1i64, 99].iter().flat_map(|c| c.to_le_bytes()).collect()
+        });
+        assert!(e.contains("outside 0..16"), "{e}");
+        let e =
+            damaged(&|t| t.get_mut(&format!("{w}.smooth")).unwrap().bytes = f32_bytes(&[-1.0; 16]));
+        assert!(e.contains("positive finite"), "{e}");
+        let e = damaged(&|t| {
+            t.remove(&format!("{w}.weight_scale"));
+        });
+        assert!(e.contains("weight_scale"), "{e}");
+        let q = "encoder.layer.0.attention.self.key.smooth";
+        let e = damaged(&|t| t.get_mut(q).unwrap().bytes = f32_bytes(&[2.0; 8]));
+        assert!(e.contains("share one precision and smoothing"), "{e}");
+    }
+
     #[test]
     fn written_safetensors_read_back() {
         let mut t = BTreeMap::new();
