@@ -9,7 +9,8 @@ import numpy as np
 
 shared = sys.argv[1]
 ref = os.path.join(shared, "ref")
-MIN_RUNS, BUDGET_S = 20, 3.0
+MIN_RUNS = int(os.environ.get("BENCH_MIN_RUNS", "20"))
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", "3"))
 
 
 def minilm_case(b, s):

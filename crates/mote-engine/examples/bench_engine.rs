@@ -11,8 +11,15 @@ use mote_store::{ImportOptions, Store, Task};
 /// Named inputs of one case.
 type Inputs = Vec<(String, Tensor)>;
 
-const MIN_RUNS: usize = 20;
-const BUDGET: Duration = Duration::from_secs(3);
+/// Runs per case at least (`BENCH_MIN_RUNS`, default 20) and time per case at least
+/// (`BENCH_BUDGET_S`, default 3 s); bench/engine.sh lowers both when it interleaves rounds.
+fn limits() -> (usize, Duration) {
+    let env = |k: &str, d: f64| std::env::var(k).map_or(d, |v| v.parse().expect(k));
+    (
+        env("BENCH_MIN_RUNS", 20.0) as usize,
+        Duration::from_secs_f64(env("BENCH_BUDGET_S", 3.0)),
+    )
+}
 
 fn load(path: &Path) -> Tensor {
     npy::read(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
@@ -148,7 +155,8 @@ fn main() {
             }
             let mut times = Vec::new();
             let start = Instant::now();
-            while times.len() < MIN_RUNS || start.elapsed() < BUDGET {
+            let (min_runs, budget) = limits();
+            while times.len() < min_runs || start.elapsed() < budget {
                 let t = Instant::now();
                 run();
                 times.push(t.elapsed().as_secs_f64() * 1e3);

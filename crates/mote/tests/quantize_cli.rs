@@ -6,24 +6,9 @@ mod common;
 use common::*;
 
 fn vector(store: &std::path::Path, reference: &str, isa: &str, threads: &str) -> Vec<u32> {
-    let out: serde_json::Value =
-        serde_json::from_str(&ok(mote(store).env("MOTE_ISA", isa).args([
-            "run",
-            reference,
-            "--json",
-            "--threads",
-            threads,
-            "--text",
-            "Rust is a systems programming language focused on safety and speed.",
-        ])))
-        .unwrap();
-    assert_eq!(out["model"]["backend"], "native-int8");
-    out["results"][0]["vector"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| (v.as_f64().unwrap() as f32).to_bits())
-        .collect()
+    let (backend, bits) = embedding_bits(store, reference, isa, threads);
+    assert_eq!(backend, "native-int8");
+    bits
 }
 
 #[test]

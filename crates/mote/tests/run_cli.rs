@@ -145,24 +145,9 @@ fn native_encoder_gives_the_same_bits_on_every_isa_level() {
     let store = dir.path().join("s");
     import(&store, &minilm_dir(), "minilm", &[]);
     let vector = |isa: &str, threads: &str| -> Vec<u32> {
-        let out: serde_json::Value =
-            serde_json::from_str(&ok(mote(&store).env("MOTE_ISA", isa).args([
-                "run",
-                "minilm",
-                "--json",
-                "--threads",
-                threads,
-                "--text",
-                "Rust is a systems programming language focused on safety and speed.",
-            ])))
-            .unwrap();
-        assert_eq!(out["model"]["backend"], "native");
-        out["results"][0]["vector"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| (v.as_f64().unwrap() as f32).to_bits())
-            .collect()
+        let (backend, bits) = embedding_bits(&store, "minilm", isa, threads);
+        assert_eq!(backend, "native");
+        bits
     };
     let best = vector("", "2");
     assert_eq!(

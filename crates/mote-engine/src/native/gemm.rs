@@ -76,23 +76,15 @@ impl Packed {
             return;
         }
         let panels = n.div_ceil(NR);
-        // Balanced row blocks (a multiple of the tile height) × groups of panels.
-        let blocks = rows.div_ceil(MC);
-        let block_rows = rows.div_ceil(blocks).next_multiple_of(MR);
-        let groups = panels.div_ceil(PANELS);
-        let tasks = rows.div_ceil(block_rows) * groups;
         let dst = OutPtr(out.as_mut_ptr());
-        pool.for_each_index(tasks, |t| {
-            let (rb, pg) = (t / groups, t % groups);
-            let r0 = rb * block_rows;
-            let nr = block_rows.min(rows - r0);
+        for_each_block(pool, rows, panels, (MR, MC, PANELS), |r0, nr, group| {
             let xs = &x[r0 * k..(r0 + nr) * k];
             // The running sums of one panel for the block's rows: the k steps are taken in
             // slices of KC (so the slice of the panel stays in L1 across the row tiles), each
             // tile continuing the fused multiply-add chain from the stored sums — the same
             // chain, hence the same bits, as one pass over k.
             let mut sums = vec![[0f32; NR]; nr];
-            for p in pg * PANELS..((pg + 1) * PANELS).min(panels) {
+            for p in group {
                 let w = &self.data[p * k * NR..][..k * NR];
                 for k0 in (0..k).step_by(KC) {
                     let kc = KC.min(k - k0);
@@ -106,9 +98,8 @@ impl Packed {
                 let j0 = p * NR;
                 let cols = NR.min(n - j0);
                 for (i, s) in sums.iter().enumerate() {
-                    // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`;
-                    // each (row, panel) pair belongs to exactly one task, so no two tasks
-                    // write the same element, and `out` outlives the parallel loop.
+                    // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`,
+                    // and this task owns the (row, panel) pair.
                     let row =
                         unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + i) * n + j0), cols) };
                     for ((d, s), b) in row.iter_mut().zip(s).zip(&self.bias[j0..]) {
@@ -120,15 +111,38 @@ impl Packed {
     }
 }
 
+/// Call `task(r0, rows_in_block, panel_range)` for every (row block × panel group) of a
+/// product of `rows` rows and `panels` output panels, in parallel on `pool`. Row blocks are
+/// balanced, a multiple of `mr` (the tile height) and about `mc` rows at most; groups hold
+/// `per_group` panels. Every (row, panel) pair belongs to exactly one task.
+pub(crate) fn for_each_block(
+    pool: &ThreadPool,
+    rows: usize,
+    panels: usize,
+    (mr, mc, per_group): (usize, usize, usize),
+    task: impl Fn(usize, usize, std::ops::Range<usize>) + Sync + Send,
+) {
+    let blocks = rows.div_ceil(mc);
+    let block_rows = rows.div_ceil(blocks).next_multiple_of(mr);
+    let groups = panels.div_ceil(per_group);
+    let tasks = rows.div_ceil(block_rows) * groups;
+    pool.for_each_index(tasks, |t| {
+        let (rb, pg) = (t / groups, t % groups);
+        let r0 = rb * block_rows;
+        let nr = block_rows.min(rows - r0);
+        task(r0, nr, pg * per_group..((pg + 1) * per_group).min(panels));
+    });
+}
+
 /// The output pointer shared by the tasks of one product (each writes its own elements).
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `matmul_then`), and the pointer is used only
-// while the `&mut` it came from is borrowed.
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: tasks write disjoint elements (each owns its (row, panel) pairs, see
+// `for_each_block`), and the pointer is used only while the `&mut` it came from is borrowed.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the output slice.
-        unsafe { self.0.add(i) }
+    /// The element at offset `i` (callers pass offsets inside the output slice).
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 

@@ -17,6 +17,7 @@
 //! row's quantisation depends on that row only. So results are bit-identical across ISA
 //! levels, thread counts and batch composition.
 
+use super::gemm::{OutPtr, for_each_block};
 use super::kernels::{Isa, isa};
 use crate::threads::ThreadPool;
 
@@ -176,19 +177,12 @@ impl PackedI8 {
             });
         }
         let panels = n.div_ceil(NR);
-        let blocks = rows.div_ceil(MC);
-        let block_rows = rows.div_ceil(blocks).next_multiple_of(MR);
-        let groups = panels.div_ceil(PANELS);
-        let tasks = rows.div_ceil(block_rows) * groups;
         let dst = OutPtr(out.as_mut_ptr());
         let (xq, params) = (&xq, &params);
-        pool.for_each_index(tasks, |t| {
-            let (rb, pg) = (t / groups, t % groups);
-            let r0 = rb * block_rows;
-            let nr = block_rows.min(rows - r0);
+        for_each_block(pool, rows, panels, (MR, MC, PANELS), |r0, nr, group| {
             let xs = &xq[r0 * k4..(r0 + nr) * k4];
             let mut sums = vec![[0i32; NR]; nr];
-            for p in pg * PANELS..((pg + 1) * PANELS).min(panels) {
+            for p in group {
                 let w = &self.data[p * k4 * NR..][..k4 * NR];
                 let mut r = 0;
                 while r < nr {
@@ -199,9 +193,8 @@ impl PackedI8 {
                 let j0 = p * NR;
                 let cols = NR.min(n - j0);
                 for (i, s) in sums.iter().enumerate() {
-                    // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`;
-                    // each (row, panel) pair belongs to exactly one task, so no two tasks
-                    // write the same element, and `out` outlives the parallel loop.
+                    // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`,
+                    // and this task owns the (row, panel) pair.
                     let row =
                         unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + i) * n + j0), cols) };
                     let (sx, zp) = params[r0 + i];
@@ -323,18 +316,6 @@ fn row_range(x: &[f32], inv_smooth: Option<&[f32]>) -> (f32, f32) {
 
 /// A block of quantised rows and their `(scale, zero point)`s, written by one task.
 type RowBlock<'a> = (&'a mut [u8], &'a mut [(f32, i32)]);
-
-/// The output pointer shared by the tasks of one product (each writes its own elements).
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `PackedI8::matmul`), and the pointer is used
-// only while the `&mut` it came from is borrowed.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the output slice.
-        unsafe { self.0.add(i) }
-    }
-}
 
 /// Integer sums of up to [`MR`] rows of `x` (`k4` bytes each) against one panel `w`.
 fn tile(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
@@ -464,6 +445,23 @@ mod avx2 {
         }
     }
 
+    /// Elements `i..i + 8` of `x`, times `inv_smooth`'s if given.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `i + 8 <= x.len()` (and `inv_smooth`'s length).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_smoothed(x: &[f32], inv_smooth: Option<&[f32]>, i: usize) -> __m256 {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            match inv_smooth {
+                Some(s) => _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(i))),
+                None => v,
+            }
+        }
+    }
+
     /// [`super::row_range`], eight lanes at a time (min and max are exact, so the lane
     /// order does not matter).
     ///
@@ -477,10 +475,7 @@ mod avx2 {
         for i in (0..n8).step_by(8) {
             // SAFETY: i + 8 <= x.len() (and inv_smooth's length).
             unsafe {
-                let mut v = _mm256_loadu_ps(x.as_ptr().add(i));
-                if let Some(s) = inv_smooth {
-                    v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(i)));
-                }
+                let v = load_smoothed(x, inv_smooth, i);
                 // min_ps(a, b) is `a < b ? a : b`, as in the scalar loop.
                 lo = _mm256_min_ps(v, lo);
                 hi = _mm256_max_ps(v, hi);
@@ -525,10 +520,7 @@ mod avx2 {
         for i in (0..n8).step_by(8) {
             // SAFETY: i + 8 <= x.len() <= out.len() (and inv_smooth's length).
             unsafe {
-                let mut v = _mm256_loadu_ps(x.as_ptr().add(i));
-                if let Some(s) = inv_smooth {
-                    v = _mm256_mul_ps(v, _mm256_loadu_ps(s.as_ptr().add(i)));
-                }
+                let v = load_smoothed(x, inv_smooth, i);
                 let t = _mm256_add_ps(_mm256_mul_ps(v, invv), zpv);
                 let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
                 let c = _mm256_min_ps(_mm256_max_ps(r, zero), top);

@@ -143,3 +143,38 @@ impl Server {
             .unwrap_or(0)
     }
 }
+
+/// `mote run REF --json` on one fixed sentence with `MOTE_ISA=isa` and `threads`: the
+/// backend's name and the embedding's bits.
+#[allow(dead_code)]
+pub fn embedding_bits(
+    store: &Path,
+    reference: &str,
+    isa: &str,
+    threads: &str,
+) -> (String, Vec<u32>) {
+    let out: serde_json::Value =
+        serde_json::from_str(&ok(mote(store).env("MOTE_ISA", isa).args([
+            "run",
+            reference,
+            "--json",
+            "--threads",
+            threads,
+            "--text",
+            "Rust is a systems programming language focused on safety and speed.",
+        ])))
+        .unwrap();
+    let bits = out["results"][0]["vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v.as_f64().unwrap() as f32).to_bits())
+        .collect();
+    (
+        out["model"]["backend"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        bits,
+    )
+}
