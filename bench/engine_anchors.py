@@ -34,8 +34,11 @@ THREADS = (int(os.environ["BENCH_THREADS"]),) if os.environ.get("BENCH_THREADS")
 
 
 def measure(fn):
-    for _ in range(3):
+    # Warm up for 3 runs and at least a second, as bench_engine does.
+    start, i = time.perf_counter(), 0
+    while i < 3 or time.perf_counter() - start < 1.0:
         fn()
+        i += 1
     times = []
     start = time.perf_counter()
     while len(times) < MIN_RUNS or time.perf_counter() - start < BUDGET_S:
