@@ -62,6 +62,22 @@ fn quantize_makes_a_faithful_int8_artifact_with_provenance_and_isa_independent_b
     );
     assert_eq!(best, vector(&store, "minilm:int8", "avx2", "1"));
 
+    // The example fidelity gate (the one onnxruntime's int8 export fails) passes.
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/audit/minilm-int8-fidelity.toml");
+    let audit = ok(mote(&store).args([
+        "audit",
+        "minilm:int8",
+        "--baseline",
+        "minilm",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--no-store",
+        "--out",
+        dir.path().join("audit").to_str().unwrap(),
+    ]));
+    assert!(audit.contains("passed"), "{audit}");
+
     // A bar the model cannot meet: exit 3, the report printed, nothing stored.
     let o = fails(
         mote(&store).args([
