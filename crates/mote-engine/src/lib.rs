@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod quantize;
 pub mod tensor;
 pub mod threads;
+pub mod train;
 
 pub use error::{EngineError, Result};
 pub use model::{EngineOptions, Model};

@@ -269,11 +269,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// One tensor of the output file.
-struct Out {
-    dtype: &'static str,
-    shape: Vec<u64>,
-    bytes: Vec<u8>,
-}
+use mote_store::formats::safetensors::{OutTensor as Out, write as write_safetensors};
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -479,35 +475,6 @@ fn quantize_weights_file(
     metadata.insert("format".into(), "pt".into());
     metadata.insert("mote.quantization".into(), "int8".into());
     Ok((write_safetensors(&out, &metadata), kept, quantised))
-}
-
-/// Serialise tensors as a safetensors file (header padded to 8 bytes, data in name order).
-fn write_safetensors(
-    tensors: &BTreeMap<String, Out>,
-    metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!(metadata));
-    let mut offset = 0u64;
-    for (name, t) in tensors {
-        let end = offset + t.bytes.len() as u64;
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut json = serde_json::to_vec(&header).expect("header serialises");
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
-    }
-    let mut file = Vec::with_capacity(8 + json.len() + offset as usize);
-    file.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    file.extend_from_slice(&json);
-    for t in tensors.values() {
-        file.extend_from_slice(&t.bytes);
-    }
-    file
 }
 
 #[cfg(test)]

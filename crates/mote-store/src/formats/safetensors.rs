@@ -49,6 +49,47 @@ pub struct Header {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A tensor to write with [`write`].
+#[derive(Clone, Debug)]
+pub struct OutTensor {
+    /// Element type, e.g. `F32`, `I8`.
+    pub dtype: &'static str,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Little-endian element bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Serialise tensors as a safetensors file: header padded to 8 bytes, data in name order,
+/// so the same tensors always give the same bytes.
+pub fn write(
+    tensors: &BTreeMap<String, OutTensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut offset = 0u64;
+    for (name, t) in tensors {
+        let end = offset + t.bytes.len() as u64;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).expect("header serialises");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut file = Vec::with_capacity(8 + json.len() + offset as usize);
+    file.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    file.extend_from_slice(&json);
+    for t in tensors.values() {
+        file.extend_from_slice(&t.bytes);
+    }
+    file
+}
+
 fn dtype_size(dtype: &str) -> Option<u64> {
     Some(match dtype {
         "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
