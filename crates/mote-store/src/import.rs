@@ -110,7 +110,7 @@ fn file_name(path: &Path) -> Result<String> {
         .ok_or_else(|| import_err(path, "the file name is not valid UTF-8; rename it"))
 }
 
-fn media_type_for(path: &str) -> &'static str {
+pub(crate) fn media_type_for(path: &str) -> &'static str {
     let name = path.rsplit('/').next().unwrap_or(path);
     let lower = name.to_ascii_lowercase();
     let ext = lower.rsplit_once('.').map(|(_, e)| e).unwrap_or("");

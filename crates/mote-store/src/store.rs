@@ -969,6 +969,48 @@ impl Store {
         Ok(result.expect("commit ran the check"))
     }
 
+    /// Commit a model mote made itself (a federated run's first round, ...) from in-memory
+    /// files, with its settings and ModelPack config; optionally tags it. Files become layers
+    /// in the order given, written like any import (hash-checked, atomic).
+    pub fn create(
+        &self,
+        files: &[(String, Vec<u8>)],
+        settings: &Settings,
+        config: ModelConfig,
+        source: &str,
+        tag: Option<&TagRef>,
+    ) -> Result<ImportOutcome> {
+        let _blobs = self.lock_blobs(false)?;
+        let mut layers = Vec::with_capacity(files.len() + 1);
+        let mut bytes = 0u64;
+        for (path, content) in files {
+            let digest = self.blobs.put_bytes(content)?;
+            bytes += content.len() as u64;
+            layers.push(Descriptor {
+                media_type: crate::import::media_type_for(path).into(),
+                digest,
+                size: content.len() as u64,
+                artifact_type: None,
+                annotations: BTreeMap::from([
+                    (ANNOTATION_FILEPATH.to_string(), path.clone()),
+                    (ANNOTATION_TITLE.to_string(), path.clone()),
+                ]),
+            });
+        }
+        let settings_bytes = serde_json::to_vec(settings).expect("settings serialise");
+        let digest = self.blobs.put_bytes(&settings_bytes)?;
+        layers.push(Descriptor {
+            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
+            digest,
+            size: settings_bytes.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        });
+        let outcome =
+            self.commit_model(config, layers, source.to_string(), tag, TagReason::Commit)?;
+        Ok(ImportOutcome { bytes, ..outcome })
+    }
+
     /// Commit a model derived from `parent` (quantisation, a federated round, ...): the
     /// parent's files with `replace` substituted (by path; new paths are added), its settings
     /// with `provenance` (parent digest filled in), and its config with `tech` applied.

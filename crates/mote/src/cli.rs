@@ -42,6 +42,9 @@ enum Command {
     /// Derive an int8 artifact from a float encoder (SmoothQuant calibration, per-channel
     /// weights, per-token activations); prints its fidelity to the float model and speed.
     Quantize(crate::quantize::QuantizeArgs),
+    /// Federated learning: a coordinator, clients with private data, or a simulation;
+    /// every aggregated round is committed to the store.
+    Fed(crate::fed::FedArgs),
     /// List the models in the store.
     Ls(JsonFlag),
     /// Show a model's files, sizes, digests, task, format and parameters.
@@ -214,6 +217,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Batch(args) => crate::batch::run(&store, args),
         Command::Audit(args) => crate::audit::run(&store, args),
         Command::Quantize(args) => crate::quantize::run(&store, args),
+        Command::Fed(args) => crate::fed::run(&store, args),
         Command::Chat(args) => crate::generate::chat(&store, args),
         Command::Serve(_) => unreachable!("handled above"),
         Command::Ls(j) => ls(&store, j.json),

@@ -4,6 +4,7 @@
 mod audit;
 mod batch;
 mod cli;
+mod fed;
 mod generate;
 mod output;
 mod quantize;

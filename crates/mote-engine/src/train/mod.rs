@@ -133,8 +133,8 @@ impl ModelSpec {
                 self.architecture()
             ))
         };
-        let header = safetensors::Header::read(bytes, bytes.len() as u64)
-            .map_err(|e| bad(e.to_string()))?;
+        let header =
+            safetensors::Header::read(bytes, bytes.len() as u64).map_err(|e| bad(e.to_string()))?;
         let data = &bytes[8 + header.header_len as usize..];
         let mut params = Vec::with_capacity(self.param_count());
         for (l, (i, o)) in self.layers().into_iter().enumerate() {
@@ -584,7 +584,11 @@ mod tests {
             let cfg = TrainConfig {
                 epochs: 20,
                 batch_size: 16,
-                lr: if matches!(opt, Optimizer::Adam { .. }) { 0.01 } else { 0.05 },
+                lr: if matches!(opt, Optimizer::Adam { .. }) {
+                    0.01
+                } else {
+                    0.05
+                },
                 weight_decay: 0.0,
                 optimizer: opt,
                 prox_mu: 0.0,
@@ -666,7 +670,9 @@ mod tests {
             optimizer: Optimizer::default(),
             prox_mu: 0.0,
         };
-        let e = train(&s, &mut p, &d, &cfg, None, 1).unwrap_err().to_string();
+        let e = train(&s, &mut p, &d, &cfg, None, 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("diverged"), "{e}");
     }
 }

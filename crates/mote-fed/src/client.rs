@@ -1,0 +1,267 @@
+//! A federated client: joins a coordinator, then loops — poll for a task, fetch the global
+//! model (content-addressed chunks, cached), evaluate it on the local held-out examples,
+//! train on the local training examples, send the compressed update.
+//!
+//! The local training seed is derived from (run seed, round, node id), and the
+//! error-feedback residual used for round `r` is the one left after the latest earlier
+//! round, so a round the coordinator re-runs after a restart gives the same update.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mote_engine::train::{self, Dataset};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::chunks;
+use crate::compress::Compressor;
+use crate::config::ClientSettings;
+use crate::dp;
+use crate::error::{FedError, Result};
+use crate::proto::federation_client::FederationClient;
+use crate::proto::{Chunk, ChunkRef, JoinRequest, NextRequest, Submission, TaskKind};
+use crate::{PROTOCOL_VERSION, derive_seed};
+
+/// Largest model a client downloads.
+const MAX_MODEL_BYTES: usize = 1 << 30;
+
+/// A client's identity and data.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// Node id (letters, digits, `-_.`).
+    pub node_id: String,
+    /// Node token, if the coordinator requires one.
+    pub token: Option<String>,
+    /// Local training examples.
+    pub train: Arc<Dataset>,
+    /// Local held-out examples for federated evaluation.
+    pub eval: Arc<Dataset>,
+    /// Give up when the coordinator stays unreachable this long.
+    pub patience: Duration,
+}
+
+/// What a client did.
+#[derive(Clone, Debug, Default)]
+pub struct ClientSummary {
+    /// Rounds trained.
+    pub rounds: u64,
+    /// Update bytes sent.
+    pub bytes_up: u64,
+}
+
+/// A channel to the coordinator at `url` (`http://host:port`).
+pub fn channel(url: &str) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| FedError::Connect {
+            url: url.into(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    Ok(endpoint.connect_lazy())
+}
+
+fn request<T>(msg: T, token: &Option<String>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token
+        && let Ok(v) = format!("Bearer {t}").parse()
+    {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+/// Whether a failed call is worth retrying (coordinator restarting, network blip).
+fn transient(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// Run the client until the coordinator says the run is done.
+pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary> {
+    let mut rpc = FederationClient::new(channel);
+    let mut summary = ClientSummary::default();
+    let mut cache: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+    let mut residuals: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    let mut joined = false;
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    loop {
+        let step: std::result::Result<bool, tonic::Status> = async {
+            if !joined {
+                rpc.join(request(
+                    JoinRequest {
+                        version: PROTOCOL_VERSION,
+                        node_id: opts.node_id.clone(),
+                        examples: opts.train.len() as u64,
+                    },
+                    &opts.token,
+                ))
+                .await?;
+                joined = true;
+            }
+            let task = rpc
+                .next(request(
+                    NextRequest {
+                        version: PROTOCOL_VERSION,
+                        node_id: opts.node_id.clone(),
+                    },
+                    &opts.token,
+                ))
+                .await?
+                .into_inner();
+            match TaskKind::try_from(task.kind).unwrap_or(TaskKind::Wait) {
+                TaskKind::Done => return Ok(true),
+                TaskKind::Train => {}
+                _ => return Ok(false),
+            }
+            let settings: ClientSettings = serde_json::from_str(&task.settings_json)
+                .map_err(|e| tonic::Status::internal(format!("bad task settings: {e}")))?;
+            let mut model = Vec::new();
+            for d in &task.model_chunks {
+                let c = match cache.get(d) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = rpc
+                            .get_chunk(request(
+                                ChunkRef {
+                                    version: PROTOCOL_VERSION,
+                                    digest: d.clone(),
+                                },
+                                &opts.token,
+                            ))
+                            .await?
+                            .into_inner();
+                        if chunks::digest(&c.data) != *d {
+                            return Err(tonic::Status::data_loss(format!(
+                                "model chunk {d} arrived damaged"
+                            )));
+                        }
+                        let c = Arc::new(c.data);
+                        cache.clear(); // keep only the current model's chunks
+                        cache.insert(d.clone(), c.clone());
+                        c
+                    }
+                };
+                if model.len() + c.len() > MAX_MODEL_BYTES {
+                    return Err(tonic::Status::resource_exhausted("the model is too large"));
+                }
+                model.extend_from_slice(&c);
+            }
+            let work = {
+                let opts = opts.clone();
+                let base = residuals
+                    .range(..task.round)
+                    .next_back()
+                    .map(|(_, r)| r.clone())
+                    .unwrap_or_default();
+                let round = task.round;
+                tokio::task::spawn_blocking(move || {
+                    local_round(&opts, &settings, &model, round, base)
+                })
+                .await
+                .map_err(|e| tonic::Status::internal(format!("training task failed: {e}")))?
+                .map_err(|e| tonic::Status::internal(e.to_string()))?
+            };
+            let (payload, metrics, residual, examples) = work;
+            residuals.retain(|&r, _| r + 1 >= task.round);
+            residuals.insert(task.round, residual);
+            let parts = chunks::split(&payload);
+            for (d, c) in &parts {
+                rpc.put_chunk(request(
+                    Chunk {
+                        version: PROTOCOL_VERSION,
+                        digest: d.clone(),
+                        data: c.to_vec(),
+                    },
+                    &opts.token,
+                ))
+                .await?;
+            }
+            let reply = rpc
+                .submit(request(
+                    Submission {
+                        version: PROTOCOL_VERSION,
+                        node_id: opts.node_id.clone(),
+                        round: task.round,
+                        kind: TaskKind::Train as i32,
+                        update_chunks: parts.iter().map(|p| p.0.clone()).collect(),
+                        examples,
+                        metrics: metrics.into_iter().collect(),
+                        secagg: Vec::new(),
+                    },
+                    &opts.token,
+                ))
+                .await?
+                .into_inner();
+            if reply.accepted {
+                summary.rounds += 1;
+                summary.bytes_up += payload.len() as u64;
+            }
+            Ok(false)
+        }
+        .await;
+        match step {
+            Ok(true) => return Ok(summary),
+            Ok(false) => unreachable_since = None,
+            Err(s)
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("join again") =>
+            {
+                joined = false;
+            }
+            Err(s) if transient(&s) => {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > opts.patience {
+                    return Err(FedError::Rpc(s));
+                }
+                joined = false;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => return Err(FedError::Rpc(s)),
+        }
+    }
+}
+
+type LocalResult = (Vec<u8>, BTreeMap<String, f64>, Vec<f32>, u64);
+
+/// Evaluate the global model locally, train, and encode the update.
+fn local_round(
+    opts: &ClientOptions,
+    settings: &ClientSettings,
+    model: &[u8],
+    round: u64,
+    residual: Vec<f32>,
+) -> Result<LocalResult> {
+    let spec = &settings.model;
+    spec.validate()?;
+    let global = spec.from_safetensors(model)?;
+    let mut metrics = BTreeMap::new();
+    if !opts.eval.is_empty() {
+        let e = train::evaluate(spec, &global, &opts.eval)?;
+        metrics.insert("eval_accuracy".to_string(), e.accuracy);
+        metrics.insert("eval_loss".to_string(), e.loss);
+        metrics.insert("eval_examples".to_string(), e.examples as f64);
+    }
+    let mut local = global.clone();
+    let mut cfg = settings.train.clone();
+    cfg.prox_mu = settings.prox_mu;
+    let seed = derive_seed(
+        settings.seed,
+        &[b"train", &round.to_le_bytes(), opts.node_id.as_bytes()],
+    );
+    let report = train::train(spec, &mut local, &opts.train, &cfg, Some(&global), seed)?;
+    if report.examples > 0 {
+        metrics.insert("train_loss".to_string(), report.loss);
+        metrics.insert("train_examples".to_string(), opts.train.len() as f64);
+    }
+    let mut delta: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
+    if let Some(bound) = settings.dp_clip_norm {
+        let norm = dp::clip(&mut delta, bound);
+        metrics.insert("update_norm".to_string(), norm);
+    }
+    let mut comp = Compressor { residual };
+    let payload = comp.compress(&delta, &settings.compression);
+    Ok((payload, metrics, comp.residual, opts.train.len() as u64))
+}

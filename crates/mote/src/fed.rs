@@ -1,0 +1,351 @@
+//! `mote fed coordinator|client|simulate|split`: wiring for `mote_fed`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use mote_engine::train::Dataset;
+use mote_fed::client::{self, ClientOptions};
+use mote_fed::coordinator::{self, CoordinatorOptions};
+use mote_fed::simulate;
+use mote_fed::{RunConfig, chunks};
+use mote_store::Store;
+
+#[derive(Args, Debug)]
+pub struct FedArgs {
+    #[command(subcommand)]
+    command: FedCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum FedCommand {
+    /// Run the coordinator of a federated run (serves gRPC; commits every round to the store).
+    Coordinator {
+        /// The run's configuration (TOML; see examples/fed-digits.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen address (overrides the config's server.addr; default 127.0.0.1:50051).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Evaluate each round's model on this labelled CSV (the coordinator's own test set).
+        #[arg(long, value_name = "CSV")]
+        test_data: Option<PathBuf>,
+        /// Stop after this many rounds (the run resumes from its checkpoint next time).
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+        /// Print the run summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take part in a run with local, private data.
+    Client {
+        /// The coordinator: `http://host:port`.
+        #[arg(long)]
+        coordinator: String,
+        /// Local labelled examples: CSV, features then an integer label per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// This node's id (default: derived from the data file's content).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Node token, if the coordinator requires one.
+        #[arg(long, env = "MOTE_FED_TOKEN")]
+        token: Option<String>,
+        /// Fraction of the local examples held out for federated evaluation.
+        #[arg(long, default_value_t = 0.2)]
+        eval_fraction: f64,
+        /// Scale features by this (must match the run's data.scale).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f32,
+        /// Give up after the coordinator has been unreachable this many seconds.
+        #[arg(long, default_value_t = 120)]
+        patience_s: u64,
+    },
+    /// Run a coordinator and N clients in one process over loopback gRPC.
+    Simulate {
+        /// The run's configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Number of simulated clients.
+        #[arg(long)]
+        clients: usize,
+        /// Also train the model centrally with the same epoch budget and compare.
+        #[arg(long)]
+        baseline: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the configured data set split for N clients: client-NNNN.csv files (IID or
+    /// Dirichlet, as configured) and test.csv, for real `mote fed client` processes.
+    Split {
+        /// The run's configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Number of clients.
+        #[arg(long)]
+        clients: usize,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn load(config: &Path) -> Result<(RunConfig, String)> {
+    let cfg = RunConfig::load(config)?;
+    let bytes = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
+    Ok((cfg, chunks::digest(&bytes)))
+}
+
+fn state_dir(store: &Store, cfg: &RunConfig) -> PathBuf {
+    cfg.server
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| store.root().join("fed").join(&cfg.name))
+}
+
+fn read_tokens(path: &Path) -> Result<HashMap<String, Option<String>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let mut out = HashMap::new();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match line.split_once(char::is_whitespace) {
+            Some((node, token)) => out.insert(token.trim().to_string(), Some(node.to_string())),
+            None => out.insert(line.to_string(), None),
+        };
+    }
+    if out.is_empty() {
+        bail!("the token file {} holds no tokens", path.display());
+    }
+    Ok(out)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
+    match a.command {
+        FedCommand::Coordinator {
+            config,
+            addr,
+            test_data,
+            stop_after,
+            json,
+        } => {
+            let (cfg, digest) = load(&config)?;
+            let tokens = cfg.server.tokens.as_deref().map(read_tokens).transpose()?;
+            let test_set = match test_data {
+                Some(p) => {
+                    let mut d = Dataset::load_csv(&p)?;
+                    d.scale(cfg.data.scale);
+                    Some(d)
+                }
+                None => None,
+            };
+            let addr = addr
+                .or(cfg.server.addr.clone())
+                .unwrap_or_else(|| "127.0.0.1:50051".into());
+            let dir = state_dir(store, &cfg);
+            let rt = runtime()?;
+            let summary = rt.block_on(async {
+                let (listener, bound) = coordinator::bind(&addr).await?;
+                eprintln!(
+                    "fed: coordinator of run {} listening on http://{bound}",
+                    cfg.name
+                );
+                coordinator::run(
+                    CoordinatorOptions {
+                        config: cfg,
+                        config_digest: digest,
+                        store: store.clone(),
+                        state_dir: dir,
+                        test_set,
+                        tokens,
+                        progress: true,
+                        stop_after,
+                    },
+                    listener,
+                )
+                .await
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!("{}", summary.model);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FedCommand::Client {
+            coordinator,
+            data,
+            node_id,
+            token,
+            eval_fraction,
+            scale,
+            patience_s,
+        } => {
+            let mut d = Dataset::load_csv(&data)?;
+            d.scale(scale);
+            let node_id = match node_id {
+                Some(n) => n,
+                None => {
+                    let bytes = std::fs::read(&data)?;
+                    format!("node-{}", &chunks::digest(&bytes)[7..19])
+                }
+            };
+            let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
+            let rt = runtime()?;
+            let summary = rt.block_on(async {
+                let ch = client::channel(&coordinator)?;
+                client::run(
+                    ch,
+                    ClientOptions {
+                        node_id: node_id.clone(),
+                        token,
+                        train: Arc::new(train),
+                        eval: Arc::new(eval),
+                        patience: Duration::from_secs(patience_s),
+                    },
+                )
+                .await
+            })?;
+            eprintln!(
+                "fed: {node_id} done: {} rounds trained, {} update bytes sent",
+                summary.rounds, summary.bytes_up
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        FedCommand::Simulate {
+            config,
+            clients,
+            baseline,
+            json,
+        } => {
+            if clients == 0 {
+                bail!("--clients must be at least 1");
+            }
+            let (cfg, digest) = load(&config)?;
+            let data = simulate::load_data(&cfg, true)?;
+            let (parts, test) = simulate::prepare(&cfg, &data, clients);
+            let base = if baseline {
+                Some(simulate::central_baseline(&cfg, &parts, &test)?)
+            } else {
+                None
+            };
+            let dir = state_dir(store, &cfg);
+            let started = std::time::Instant::now();
+            let rt = runtime()?;
+            let sim = rt.block_on(simulate::simulate(
+                cfg.clone(),
+                digest,
+                store.clone(),
+                &dir,
+                parts,
+                test,
+                !json,
+            ))?;
+            let failed: Vec<&String> = sim
+                .clients
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .collect();
+            let last = sim.run.history.last();
+            let up: u64 = sim.run.history.iter().map(|m| m.bytes_up).sum();
+            let dense: u64 = sim.run.history.iter().map(|m| m.bytes_up_dense).sum();
+            let peak_rss_kib = mote_engine::mem::peak_rss_kib();
+            let report = serde_json::json!({
+                "run": cfg.name,
+                "clients": clients,
+                "model": sim.run.model,
+                "rounds": sim.run.rounds,
+                "resumed_after": sim.run.resumed_after,
+                "test_accuracy": last.and_then(|m| m.test_accuracy),
+                "fed_eval_accuracy": last.and_then(|m| m.fed_eval_accuracy),
+                "bytes_up": up,
+                "bytes_up_dense": dense,
+                "uplink_reduction": if up > 0 { dense as f64 / up as f64 } else { 0.0 },
+                "epsilon": last.and_then(|m| m.epsilon),
+                "central_test_accuracy": base.map(|b| b.0.accuracy),
+                "central_epochs": base.map(|b| b.1),
+                "seconds": started.elapsed().as_secs_f64(),
+                "peak_rss_kib": peak_rss_kib,
+                "client_failures": failed.len(),
+                "history": sim.run.history,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let pct = |v: &serde_json::Value| {
+                    v.as_f64()
+                        .map_or("-".into(), |a| format!("{:.2}%", 100.0 * a))
+                };
+                println!(
+                    "run {}: {} rounds with {clients} clients in {:.1} s, peak RSS {} MiB",
+                    cfg.name,
+                    sim.run.rounds,
+                    started.elapsed().as_secs_f64(),
+                    peak_rss_kib / 1024
+                );
+                println!("  final model   {}", sim.run.model);
+                println!("  test accuracy {}", pct(&report["test_accuracy"]));
+                if let Some((b, e)) = base {
+                    println!(
+                        "  central       {:.2}% ({e} epochs on the pooled data)",
+                        100.0 * b.accuracy
+                    );
+                }
+                println!(
+                    "  uplink        {up} bytes ({:.1}× less than dense float32)",
+                    report["uplink_reduction"].as_f64().unwrap_or(0.0)
+                );
+            }
+            if !failed.is_empty() {
+                eprintln!("fed: {} clients failed, first: {}", failed.len(), failed[0]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FedCommand::Split {
+            config,
+            clients,
+            out,
+        } => {
+            if clients == 0 {
+                bail!("--clients must be at least 1");
+            }
+            let (cfg, _) = load(&config)?;
+            // Shards are written unscaled: clients scale with --scale like the run does.
+            let data = simulate::load_data(&cfg, false)?;
+            let (pool, test) = data.split(
+                cfg.data.test_fraction,
+                mote_fed::derive_seed(cfg.seed, &[b"test-split"]),
+            );
+            let parts =
+                mote_fed::partition::partition(&pool, clients, cfg.data.partition, cfg.seed);
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let width = clients.to_string().len().max(4);
+            for (i, idx) in parts.iter().enumerate() {
+                let p = out.join(format!("client-{i:0width$}.csv"));
+                coordinator::write_atomic(&p, pool.subset(idx).to_csv().as_bytes())?;
+            }
+            coordinator::write_atomic(&out.join("test.csv"), test.to_csv().as_bytes())?;
+            println!(
+                "{} client files and test.csv in {}",
+                parts.len(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
