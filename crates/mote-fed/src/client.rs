@@ -38,6 +38,9 @@ pub struct ClientOptions {
     pub eval: Arc<Dataset>,
     /// Give up when the coordinator stays unreachable this long.
     pub patience: Duration,
+    /// Wait this long before training each round (a deliberate straggler, for tests and
+    /// deadline experiments).
+    pub delay: Duration,
 }
 
 /// What a client did.
@@ -148,6 +151,9 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
                     return Err(tonic::Status::resource_exhausted("the model is too large"));
                 }
                 model.extend_from_slice(&c);
+            }
+            if !opts.delay.is_zero() {
+                tokio::time::sleep(opts.delay).await;
             }
             let work = {
                 let opts = opts.clone();

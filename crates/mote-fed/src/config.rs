@@ -205,7 +205,6 @@ fn tau() -> f32 {
     1e-3
 }
 
-
 /// Update compression (client → coordinator).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -332,7 +331,10 @@ impl RunConfig {
         if self.rounds == 0 || self.rounds > 1_000_000 {
             return Err("rounds must be between 1 and 1000000".into());
         }
-        if self.train.epochs == 0 || self.train.batch_size == 0 || self.train.lr.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+        if self.train.epochs == 0
+            || self.train.batch_size == 0
+            || self.train.lr.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return Err("train: epochs, batch_size and lr must be positive".into());
         }
         if let StrategyConfig::TrimmedMean { trim } = self.strategy

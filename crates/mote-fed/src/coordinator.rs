@@ -812,7 +812,7 @@ pub async fn run(
         shared.state.lock().expect("state").done = true;
         Shared::bump(&shared.tasks);
         // Give polling clients a moment to hear DONE.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let _ = stop_tx.send(());
     let _ = server.await;

@@ -171,6 +171,14 @@ pub async fn simulate(
     test: Dataset,
     progress: bool,
 ) -> Result<Simulation> {
+    if cfg.sampling.min_available > clients.len() || cfg.sampling.min_updates > clients.len() {
+        return Err(FedError::Config(format!(
+            "sampling.min_available ({}) and min_updates ({}) must not exceed the {} simulated clients, or no round could start",
+            cfg.sampling.min_available,
+            cfg.sampling.min_updates,
+            clients.len()
+        )));
+    }
     let (listener, addr) = coordinator::bind("127.0.0.1:0").await?;
     let coord = tokio::spawn(coordinator::run(
         CoordinatorOptions {
@@ -198,6 +206,7 @@ pub async fn simulate(
             train: Arc::new(c.train),
             eval: Arc::new(c.eval),
             patience: Duration::from_secs(30),
+            delay: Duration::ZERO,
         };
         handles.push(tokio::spawn(client::run(
             channel.clone().expect("channel"),

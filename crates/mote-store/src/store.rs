@@ -310,7 +310,11 @@ impl Store {
                 .at("cannot list", &root)?
                 .filter_map(|e| e.ok())
                 .any(|e| {
-                    !e.file_name().to_string_lossy().starts_with('.') && e.file_name() != "locks"
+                    // `locks`, `blobs` and `tmp` are the first things another process creating
+                    // this store at the same moment makes, before its oci-layout.
+                    let name = e.file_name();
+                    !name.to_string_lossy().starts_with('.')
+                        && !["locks", "blobs", "tmp"].iter().any(|n| name == *n)
                 });
             if non_empty {
                 return Err(StoreError::Damaged {

@@ -474,3 +474,22 @@ fn referrers_attach_to_a_model_survive_gc_and_go_with_it() {
     assert!(s.gc().unwrap().blobs >= 5);
     s.journal().verify().unwrap();
 }
+
+/// Several processes (here threads) opening a store that does not exist yet all succeed:
+/// none mistakes the half-created store of another for a foreign directory.
+#[test]
+fn concurrent_first_opens_all_succeed() {
+    for _ in 0..20 {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let root = root.clone();
+                std::thread::spawn(move || Store::open(&root).map(|_| ()))
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+    }
+}

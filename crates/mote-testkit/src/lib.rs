@@ -16,6 +16,7 @@ pub fn models_dir() -> PathBuf {
     for needed in [
         "all-MiniLM-L6-v2/model.safetensors",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sklearn-data/digits.csv.gz",
     ] {
         assert!(
             dir.join(needed).is_file(),

@@ -204,6 +204,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Some(p) => p,
         None => Store::default_root()?,
     };
+    // A federated client keeps nothing in the store: it must not need (or create) one.
+    if let Command::Fed(args) = &cli.command
+        && args.is_client()
+    {
+        let Command::Fed(args) = cli.command else {
+            unreachable!()
+        };
+        return crate::fed::run_client(args);
+    }
     let store = Store::open(&root)
         .with_context(|| format!("cannot open the store at {}", root.display()))?;
     let command = match cli.command {

@@ -64,6 +64,9 @@ enum FedCommand {
         /// Give up after the coordinator has been unreachable this many seconds.
         #[arg(long, default_value_t = 120)]
         patience_s: u64,
+        /// Sleep this many milliseconds before training each round (a deliberate straggler).
+        #[arg(long, default_value_t = 0, hide = true)]
+        delay_ms: u64,
     },
     /// Run a coordinator and N clients in one process over loopback gRPC.
     Simulate {
@@ -135,8 +138,64 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+impl FedArgs {
+    /// Whether this is `mote fed client` (which needs no store).
+    pub fn is_client(&self) -> bool {
+        matches!(self.command, FedCommand::Client { .. })
+    }
+}
+
+/// `mote fed client`.
+pub fn run_client(a: FedArgs) -> Result<ExitCode> {
+    let FedCommand::Client {
+        coordinator,
+        data,
+        node_id,
+        token,
+        eval_fraction,
+        scale,
+        patience_s,
+        delay_ms,
+    } = a.command
+    else {
+        bail!("not a client command");
+    };
+    let mut d = Dataset::load_csv(&data)?;
+    d.scale(scale);
+    let node_id = match node_id {
+        Some(n) => n,
+        None => {
+            let bytes = std::fs::read(&data)?;
+            format!("node-{}", &chunks::digest(&bytes)[7..19])
+        }
+    };
+    let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
+    let rt = runtime()?;
+    let summary = rt.block_on(async {
+        let ch = client::channel(&coordinator)?;
+        client::run(
+            ch,
+            ClientOptions {
+                node_id: node_id.clone(),
+                token,
+                train: Arc::new(train),
+                eval: Arc::new(eval),
+                patience: Duration::from_secs(patience_s),
+                delay: Duration::from_millis(delay_ms),
+            },
+        )
+        .await
+    })?;
+    eprintln!(
+        "fed: {node_id} done: {} rounds trained, {} update bytes sent",
+        summary.rounds, summary.bytes_up
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
     match a.command {
+        FedCommand::Client { .. } => run_client(a),
         FedCommand::Coordinator {
             config,
             addr,
@@ -185,46 +244,6 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             } else {
                 println!("{}", summary.model);
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        FedCommand::Client {
-            coordinator,
-            data,
-            node_id,
-            token,
-            eval_fraction,
-            scale,
-            patience_s,
-        } => {
-            let mut d = Dataset::load_csv(&data)?;
-            d.scale(scale);
-            let node_id = match node_id {
-                Some(n) => n,
-                None => {
-                    let bytes = std::fs::read(&data)?;
-                    format!("node-{}", &chunks::digest(&bytes)[7..19])
-                }
-            };
-            let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
-            let rt = runtime()?;
-            let summary = rt.block_on(async {
-                let ch = client::channel(&coordinator)?;
-                client::run(
-                    ch,
-                    ClientOptions {
-                        node_id: node_id.clone(),
-                        token,
-                        train: Arc::new(train),
-                        eval: Arc::new(eval),
-                        patience: Duration::from_secs(patience_s),
-                    },
-                )
-                .await
-            })?;
-            eprintln!(
-                "fed: {node_id} done: {} rounds trained, {} update bytes sent",
-                summary.rounds, summary.bytes_up
-            );
             Ok(ExitCode::SUCCESS)
         }
         FedCommand::Simulate {

@@ -1,0 +1,359 @@
+//! End-to-end tests of `mote fed`: simulations against the central baseline, compression,
+//! lineage in the store, and a coordinator killed with SIGKILL (between and during rounds)
+//! resuming to the same final model as an uninterrupted run, with real client processes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fails, mote, ok, stderr};
+use serde_json::Value;
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fed-digits.toml")
+}
+
+/// `mote` with the fetched models (the digits set) visible.
+fn fed(store: &Path) -> Command {
+    let mut c = mote(store);
+    c.env("MOTE_MODELS_DIR", mote_testkit::models_dir());
+    c
+}
+
+/// The example configuration with some lines replaced, written next to `dir`.
+fn config_variant(dir: &Path, name: &str, replace: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(example()).unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "{from:?} not in the example");
+        text = text.replacen(from, to, 1);
+    }
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn simulate(store: &Path, config: &Path, clients: usize, baseline: bool) -> Value {
+    let mut cmd = fed(store);
+    cmd.args([
+        "fed",
+        "simulate",
+        "--json",
+        "--clients",
+        &clients.to_string(),
+        "--config",
+    ])
+    .arg(config);
+    if baseline {
+        cmd.arg("--baseline");
+    }
+    serde_json::from_str(&ok(&mut cmd)).unwrap()
+}
+
+#[test]
+fn non_iid_digits_reach_the_central_baseline_and_compression_pays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let plain = simulate(&store, &example(), 100, true);
+    let fed_acc = plain["test_accuracy"].as_f64().unwrap();
+    let central = plain["central_test_accuracy"].as_f64().unwrap();
+    eprintln!("federated {fed_acc:.4} central {central:.4}");
+    assert!(central > 0.9, "{plain}");
+    assert!(
+        fed_acc >= central - 0.02,
+        "federated {fed_acc} vs central {central}"
+    );
+    assert_eq!(plain["client_failures"], 0);
+    assert_eq!(plain["rounds"], 60);
+
+    // Lineage: round 0 plus 60 rounds, each derived from the one before.
+    let history = ok(fed(&store).args(["history", "fed-digits:latest", "--json"]));
+    let moves: Vec<Value> = serde_json::from_str(&history).unwrap();
+    assert_eq!(moves.len(), 61, "{history}");
+    for w in moves.windows(2) {
+        assert_eq!(w[0]["to"], w[1]["from"]);
+    }
+    assert_eq!(moves.last().unwrap()["to"], plain["model"]);
+    let info: Value = serde_json::from_str(&ok(fed(&store).args([
+        "inspect",
+        "fed-digits:latest",
+        "--json",
+    ])))
+    .unwrap();
+    let prov = &info["settings"]["provenance"];
+    assert_eq!(prov["method"], "fedadam", "{info}");
+    assert_eq!(prov["details"]["round"], "60");
+    assert_eq!(prov["parent"], moves[59]["to"]);
+    ok(fed(&store).args(["verify", "fed-digits:latest"]));
+    let journal = ok(fed(&store).args(["journal", "verify"]));
+    assert!(!journal.is_empty());
+    // Rollback moves the tag to round 59.
+    ok(fed(&store).args(["rollback", "fed-digits:latest"]));
+    let info: Value = serde_json::from_str(&ok(fed(&store).args([
+        "inspect",
+        "fed-digits:latest",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(info["settings"]["provenance"]["details"]["round"], "59");
+
+    // int8 + top-10% with error feedback: ≥ 8× less uplink at ≤ 1 point of accuracy.
+    let cfg = config_variant(
+        tmp.path(),
+        "compressed",
+        &[
+            ("name = \"fed-digits\"", "name = \"fed-digits-c\""),
+            ("int8 = false", "int8 = true"),
+            ("top_k = 0.0", "top_k = 0.1"),
+        ],
+    );
+    let comp = simulate(&store, &cfg, 100, false);
+    let ratio = comp["uplink_reduction"].as_f64().unwrap();
+    let comp_acc = comp["test_accuracy"].as_f64().unwrap();
+    eprintln!("compressed {comp_acc:.4}, uplink {ratio:.1}x smaller");
+    assert!(ratio >= 8.0, "{comp}");
+    assert!(comp_acc >= fed_acc - 0.01, "{comp_acc} vs {fed_acc}");
+    assert_eq!(
+        plain["bytes_up_dense"], comp["bytes_up_dense"],
+        "same participants, same dense size"
+    );
+}
+
+#[test]
+fn every_strategy_runs_and_dp_reports_epsilon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    for (name, strategy) in [
+        ("avg", "kind = \"fed-avg\"\n#"),
+        ("prox", "kind = \"fed-prox\"\nmu = 0.1\n#"),
+        ("median", "kind = \"median\"\n#"),
+        ("trim", "kind = \"trimmed-mean\"\ntrim = 0.1\n#"),
+    ] {
+        let cfg = config_variant(
+            tmp.path(),
+            name,
+            &[
+                ("name = \"fed-digits\"", &format!("name = \"s-{name}\"")),
+                ("rounds = 60", "rounds = 15"),
+                ("min_available = 100", "min_available = 20"),
+                ("kind = \"fed-adam\"", strategy),
+                ("\nlr = 0.01\n", "\n"),
+            ],
+        );
+        let r = simulate(&store, &cfg, 20, false);
+        let acc = r["test_accuracy"].as_f64().unwrap();
+        assert!(acc > 0.6, "{name}: {acc}");
+    }
+    let cfg = config_variant(
+        tmp.path(),
+        "dp",
+        &[
+            ("name = \"fed-digits\"", "name = \"s-dp\""),
+            ("min_available = 100", "min_available = 20"),
+            (
+                "rounds = 60",
+                "rounds = 10\n[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.1\ndelta = 1e-5\n",
+            ),
+        ],
+    );
+    let r = simulate(&store, &cfg, 20, false);
+    let eps: Vec<f64> = r["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["epsilon"].as_f64().unwrap())
+        .collect();
+    // ε grows with the rounds and equals the accountant's value for 10 rounds at z = 1.1.
+    assert!(eps.windows(2).all(|w| w[1] > w[0]), "{eps:?}");
+    let expected = mote_fed::dp::epsilon(1.1, 10, 1e-5);
+    assert!((eps[9] - expected).abs() < 1e-3, "{} vs {expected}", eps[9]);
+}
+
+#[test]
+fn bad_configurations_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let cfg = config_variant(tmp.path(), "typo", &[("fraction = 0.2", "fracton = 0.2")]);
+    let out = fails(
+        fed(&store)
+            .args(["fed", "simulate", "--clients", "5", "--config"])
+            .arg(&cfg),
+        1,
+    );
+    assert!(stderr(&out).contains("fracton"), "{}", stderr(&out));
+    let out = fails(
+        mote(&store)
+            .env("MOTE_MODELS_DIR", tmp.path())
+            .args(["fed", "simulate", "--clients", "5", "--config"])
+            .arg(example()),
+        1,
+    );
+    assert!(stderr(&out).contains("fetch-models.sh"), "{}", stderr(&out));
+    // A damaged data file names the line.
+    let bad = tmp.path().join("bad.csv");
+    std::fs::write(&bad, "1,2,3\n1,2\n").unwrap();
+    let cfg = config_variant(
+        tmp.path(),
+        "baddata",
+        &[("source = \"digits\"", "source = \"bad.csv\"")],
+    );
+    let out = fails(
+        fed(&store)
+            .args(["fed", "simulate", "--clients", "5", "--config"])
+            .arg(&cfg),
+        1,
+    );
+    assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
+}
+
+struct Run {
+    coordinator: Child,
+    clients: Vec<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_coordinator(store: &Path, cfg: &Path, port: u16) -> Child {
+    fed(store)
+        .args([
+            "fed",
+            "coordinator",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+        ])
+        .arg(cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn start_clients(store: &Path, shards: &Path, n: usize, port: u16, delay_ms: u64) -> Vec<Child> {
+    let logs = store.with_extension("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    (0..n)
+        .map(|i| {
+            let log = std::fs::File::create(logs.join(format!("client-{i}.log"))).unwrap();
+            // Clients need no store: give them one that does not exist to prove it.
+            fed(&store.join("client-store-unused"))
+                .args([
+                    "fed",
+                    "client",
+                    "--coordinator",
+                    &format!("http://127.0.0.1:{port}"),
+                ])
+                .args(["--node-id", &format!("node-{i}"), "--scale", "0.0625"])
+                .args(["--delay-ms", &delay_ms.to_string(), "--data"])
+                .arg(shards.join(format!("client-{i:04}.csv")))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn final_model(mut run: Run) -> String {
+    let out = run.coordinator.wait_with_output().unwrap();
+    assert!(out.status.success(), "coordinator failed");
+    for (i, c) in run.clients.iter_mut().enumerate() {
+        let status = c.wait().unwrap();
+        assert!(
+            status.success(),
+            "client {i} failed: {status} (see the client-{i}.log next to the store)"
+        );
+    }
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn completed_rounds(store: &Path) -> usize {
+    std::fs::read_to_string(store.join("fed/fed-resume/metrics.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+fn wait_for_rounds(store: &Path, n: usize) {
+    let t = Instant::now();
+    while completed_rounds(store) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "round {n} never completed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_coordinator_resumes_to_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_variant(
+        tmp.path(),
+        "resume",
+        &[
+            ("name = \"fed-digits\"", "name = \"fed-resume\""),
+            ("rounds = 60", "rounds = 8"),
+            ("fraction = 0.2", "fraction = 0.5"),
+            ("min_fit = 10", "min_fit = 2"),
+            ("min_available = 100", "min_available = 6"),
+            ("min_updates = 10", "min_updates = 2"),
+            ("int8 = false", "int8 = true"),
+            ("top_k = 0.0", "top_k = 0.25"),
+        ],
+    );
+    let shards = tmp.path().join("shards");
+    let split_store = tmp.path().join("split-store");
+    ok(fed(&split_store)
+        .args(["fed", "split", "--clients", "6", "--out"])
+        .arg(&shards)
+        .arg("--config")
+        .arg(&cfg));
+
+    // Uninterrupted.
+    let a = tmp.path().join("a");
+    let port = free_port();
+    let coordinator = start_coordinator(&a, &cfg, port);
+    let clients = start_clients(&a, &shards, 6, port, 0);
+    let uninterrupted = final_model(Run {
+        coordinator,
+        clients,
+    });
+    assert!(uninterrupted.starts_with("sha256:"), "{uninterrupted}");
+
+    // Killed twice: once between rounds (right after a checkpoint), once while clients
+    // are still training (each waits 400 ms before training).
+    let b = tmp.path().join("b");
+    let port = free_port();
+    let mut coordinator = start_coordinator(&b, &cfg, port);
+    let clients = start_clients(&b, &shards, 6, port, 400);
+    wait_for_rounds(&b, 2);
+    coordinator.kill().unwrap(); // SIGKILL
+    coordinator.wait().unwrap();
+    let mut coordinator = start_coordinator(&b, &cfg, port);
+    wait_for_rounds(&b, 4);
+    std::thread::sleep(Duration::from_millis(200)); // round 5 is open, clients are sleeping
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let coordinator = start_coordinator(&b, &cfg, port);
+    let resumed = final_model(Run {
+        coordinator,
+        clients,
+    });
+    assert_eq!(resumed, uninterrupted);
+    let history = ok(fed(&b).args(["history", "fed-resume:latest", "--json"]));
+    let moves: Vec<Value> = serde_json::from_str(&history).unwrap();
+    assert_eq!(
+        moves.len(),
+        9,
+        "round 0 and 8 rounds, none twice: {history}"
+    );
+    ok(fed(&b).args(["journal", "verify"]));
+    assert!(!b.join("client-store-unused").exists());
+}
