@@ -19,6 +19,7 @@ pub mod coordinator;
 pub mod dp;
 mod error;
 pub mod partition;
+pub mod secagg;
 pub mod simulate;
 pub mod strategy;
 

@@ -143,7 +143,9 @@ pub struct Share {
 /// Split `secret` into shares for x = 1..=n, any `t` of which recover it.
 pub fn shamir_split(secret: &[u8; 32], t: usize, n: usize) -> Result<Vec<Share>> {
     if t == 0 || t > n || n > MAX_PARTICIPANTS {
-        return Err(err(format!("cannot split into {n} shares with threshold {t}")));
+        return Err(err(format!(
+            "cannot split into {n} shares with threshold {t}"
+        )));
     }
     let mut coeffs = vec![[0u8; 32]; t - 1];
     for c in &mut coeffs {
@@ -290,7 +292,10 @@ pub fn share_keys(
         })
         .expect("json");
         let ct = cipher(&secrets.c_sk, &a.c_pk)
-            .encrypt(Nonce::from_slice(&nonce(round, me, &a.node)), plain.as_ref())
+            .encrypt(
+                Nonce::from_slice(&nonce(round, me, &a.node)),
+                plain.as_ref(),
+            )
             .map_err(|_| err("share encryption failed"))?;
         out.insert(a.node.clone(), ct);
     }
@@ -306,7 +311,9 @@ pub fn encode_fixed(x: &[f32], clip: f32) -> Vec<u32> {
 
 /// Decode a sum of fixed-point vectors.
 pub fn decode_fixed(sum: &[u32]) -> Vec<f32> {
-    sum.iter().map(|&s| (s as i32 as f64 / SCALE) as f32).collect()
+    sum.iter()
+        .map(|&s| (s as i32 as f64 / SCALE) as f32)
+        .collect()
 }
 
 /// Largest participant count whose fixed-point sum cannot overflow for `clip`.
@@ -352,7 +359,9 @@ pub fn unmask(
 ) -> Result<UnmaskReply> {
     check_adverts(u2)?;
     if !survivors.contains(me) {
-        return Err(err("asked to unmask a round this client is not a survivor of"));
+        return Err(err(
+            "asked to unmask a round this client is not a survivor of",
+        ));
     }
     if survivors.iter().any(|s| !u2.iter().any(|a| &a.node == s)) {
         return Err(err(
@@ -402,9 +411,13 @@ pub fn recover(
     let mut sum = vec![0u32; d];
     for (node, y) in masked {
         if y.len() != d || !u2.iter().any(|a| &a.node == node) {
-            return Err(err(format!("the masked input of {node} does not fit the round")));
+            return Err(err(format!(
+                "the masked input of {node} does not fit the round"
+            )));
         }
-        sum.iter_mut().zip(y).for_each(|(s, v)| *s = s.wrapping_add(*v));
+        sum.iter_mut()
+            .zip(y)
+            .for_each(|(s, v)| *s = s.wrapping_add(*v));
     }
     for a in u2 {
         if masked.contains_key(&a.node) {
@@ -467,28 +480,52 @@ mod tests {
         inbox: BTreeMap<String, Vec<u8>>,
     }
 
+    /// (recovered sum, plain sum of the survivors, masked inputs the coordinator held).
+    type Outcome = (Vec<u32>, Vec<u32>, BTreeMap<String, Vec<u32>>);
+
     /// The whole protocol in memory: `drop_after_share` clients vanish before sending
     /// their masked input, `drop_after_mask` before answering the unmask step.
-    fn run(n: usize, t: usize, drop_after_share: &[usize], drop_after_mask: &[usize]) -> Result<(Vec<u32>, Vec<u32>, BTreeMap<String, Vec<u32>>)> {
+    fn run(
+        n: usize,
+        t: usize,
+        drop_after_share: &[usize],
+        drop_after_mask: &[usize],
+    ) -> Result<Outcome> {
         let d = 50;
         let round = 7;
         let mut parties: Vec<Party> = (0..n)
             .map(|i| {
                 let node = format!("c{i:03}");
                 let (secrets, advert) = ClientSecrets::generate(&node).unwrap();
-                let x: Vec<f32> = (0..d).map(|j| ((i * 31 + j * 7) % 19) as f32 / 10.0 - 0.9).collect();
-                Party { node, secrets, advert, x: encode_fixed(&x, 8.0), inbox: BTreeMap::new() }
+                let x: Vec<f32> = (0..d)
+                    .map(|j| ((i * 31 + j * 7) % 19) as f32 / 10.0 - 0.9)
+                    .collect();
+                Party {
+                    node,
+                    secrets,
+                    advert,
+                    x: encode_fixed(&x, 8.0),
+                    inbox: BTreeMap::new(),
+                }
             })
             .collect();
         let u1: Vec<Advert> = parties.iter().map(|p| p.advert.clone()).collect();
         // Step 2, relayed by the coordinator (it only sees ciphertexts).
         let mut outboxes = Vec::new();
         for p in &parties {
-            outboxes.push((p.node.clone(), share_keys(&p.node, &p.secrets, round, &u1, t)?));
+            outboxes.push((
+                p.node.clone(),
+                share_keys(&p.node, &p.secrets, round, &u1, t)?,
+            ));
         }
         for (from, out) in outboxes {
             for (to, ct) in out {
-                parties.iter_mut().find(|p| p.node == to).unwrap().inbox.insert(from.clone(), ct);
+                parties
+                    .iter_mut()
+                    .find(|p| p.node == to)
+                    .unwrap()
+                    .inbox
+                    .insert(from.clone(), ct);
             }
         }
         let u2 = u1.clone();
@@ -504,16 +541,19 @@ mod tests {
         let mut replies = Vec::new();
         for (i, p) in parties.iter().enumerate() {
             if survivors.contains(&p.node) && !drop_after_mask.contains(&i) {
-                replies.push(unmask(&p.node, &p.secrets, round, &u2, &p.inbox, &survivors)?);
+                replies.push(unmask(
+                    &p.node, &p.secrets, round, &u2, &p.inbox, &survivors,
+                )?);
             }
         }
         let sum = recover(round, &u2, &masked, &replies, t, d)?;
         let mut plain = vec![0u32; d];
         for p in parties.iter().filter(|p| survivors.contains(&p.node)) {
-            plain.iter_mut().zip(&p.x).for_each(|(s, v)| *s = s.wrapping_add(*v));
+            plain
+                .iter_mut()
+                .zip(&p.x)
+                .for_each(|(s, v)| *s = s.wrapping_add(*v));
         }
-        let inputs = parties.iter().map(|p| (p.node.clone(), p.x.clone())).collect();
-        let _ = inputs;
         Ok((sum, plain, masked))
     }
 
@@ -540,14 +580,24 @@ mod tests {
         // input almost nowhere, and its values spread over the whole 32-bit range.
         for (node, y) in &masked {
             let i: usize = node[1..].parse().unwrap();
-            let x: Vec<f32> = (0..50).map(|j| ((i * 31 + j * 7) % 19) as f32 / 10.0 - 0.9).collect();
+            let x: Vec<f32> = (0..50)
+                .map(|j| ((i * 31 + j * 7) % 19) as f32 / 10.0 - 0.9)
+                .collect();
             let x = encode_fixed(&x, 8.0);
             let equal = x.iter().zip(y).filter(|(a, b)| a == b).count();
             assert!(equal <= 1, "{node}: {equal} coordinates in the clear");
             let high = y.iter().filter(|&&v| v > u32::MAX / 2).count();
-            assert!((10..=40).contains(&high), "{node}: {high}/50 in the upper half");
+            assert!(
+                (10..=40).contains(&high),
+                "{node}: {high}/50 in the upper half"
+            );
             let decoded = decode_fixed(y);
-            let dist: f32 = decoded.iter().zip(&decode_fixed(&x)).map(|(a, b)| (a - b).abs()).sum::<f32>() / 50.0;
+            let dist: f32 = decoded
+                .iter()
+                .zip(&decode_fixed(&x))
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>()
+                / 50.0;
             assert!(dist > 1000.0, "{node}: mean distance {dist}");
         }
     }
