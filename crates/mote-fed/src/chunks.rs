@@ -29,7 +29,8 @@ pub fn split(payload: &[u8]) -> Vec<(String, Arc<Vec<u8>>)> {
         .collect()
 }
 
-type Table = HashMap<String, Arc<Vec<u8>>>;
+/// Chunks by digest, whether each was uploaded by a peer (vs. made here), total bytes.
+type Table = HashMap<String, (Arc<Vec<u8>>, bool)>;
 
 /// A thread-safe chunk table with a byte budget.
 #[derive(Default)]
@@ -39,7 +40,9 @@ pub struct ChunkTable {
 }
 
 impl ChunkTable {
-    /// Add a chunk after checking its digest; adding one already present is a no-op.
+    /// Add an uploaded chunk after checking its digest; adding one already present is a
+    /// no-op (two peers may upload identical bytes). Uploaded chunks stay until
+    /// [`ChunkTable::clear_uploads`].
     pub fn put(&self, digest_str: &str, data: Vec<u8>) -> Result<()> {
         if data.len() > CHUNK_BYTES {
             return Err(FedError::Protocol(format!(
@@ -62,7 +65,7 @@ impl ChunkTable {
             ));
         }
         g.1 += data.len();
-        g.0.insert(digest_str.to_string(), Arc::new(data));
+        g.0.insert(digest_str.to_string(), (Arc::new(data), true));
         Ok(())
     }
 
@@ -70,7 +73,7 @@ impl ChunkTable {
     pub fn put_own(&self, chunks: &[(String, Arc<Vec<u8>>)]) {
         let mut g = self.inner.lock().expect("chunk table");
         for (d, c) in chunks {
-            if g.0.insert(d.clone(), c.clone()).is_none() {
+            if g.0.insert(d.clone(), (c.clone(), false)).is_none() {
                 g.1 += c.len();
             }
         }
@@ -83,7 +86,7 @@ impl ChunkTable {
             .expect("chunk table")
             .0
             .get(digest)
-            .cloned()
+            .map(|c| c.0.clone())
     }
 
     /// Concatenate chunks in order (each must be present), up to `limit` bytes.
@@ -94,12 +97,12 @@ impl ChunkTable {
             let c =
                 g.0.get(d)
                     .ok_or_else(|| FedError::Protocol(format!("chunk {d} was never uploaded")))?;
-            if out.len() + c.len() > limit {
+            if out.len() + c.0.len() > limit {
                 return Err(FedError::Protocol(format!(
                     "the payload exceeds {limit} bytes"
                 )));
             }
-            out.extend_from_slice(c);
+            out.extend_from_slice(&c.0);
         }
         Ok(out)
     }
@@ -109,9 +112,21 @@ impl ChunkTable {
         let mut g = self.inner.lock().expect("chunk table");
         for d in digests {
             if let Some(c) = g.0.remove(d) {
-                g.1 -= c.len();
+                g.1 -= c.0.len();
             }
         }
+    }
+
+    /// Drop every uploaded chunk (when a round closes).
+    pub fn clear_uploads(&self) {
+        let mut g = self.inner.lock().expect("chunk table");
+        let (table, bytes) = &mut *g;
+        table.retain(|_, (c, uploaded)| {
+            if *uploaded {
+                *bytes -= c.len();
+            }
+            !*uploaded
+        });
     }
 }
 

@@ -325,11 +325,12 @@ impl Federation for Service {
                 reason,
             }))
         };
+        // Chunks are not consumed here: another node may have uploaded identical bytes
+        // (content addressing) and not submitted yet. They go when the round closes.
         let payload = self
             .0
             .chunks
             .assemble(&r.update_chunks, 4 * self.0.params + 4096);
-        self.0.chunks.remove(&r.update_chunks);
         let payload = match payload {
             Ok(p) => p,
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
@@ -660,6 +661,7 @@ pub async fn run(
                 (st.open.take().expect("open round"), st.late, st.bytes_down)
             };
             Shared::bump(&shared.tasks);
+            shared.chunks.clear_uploads();
             if open.received.len() >= cfg.sampling.min_updates {
                 break (open.received, available, sampled.len(), late, bytes_down);
             }
