@@ -500,15 +500,7 @@ impl Store {
                 ]),
             });
         }
-        let settings = serde_json::to_vec(&plan.settings).expect("settings serialise");
-        let digest = self.blobs.put_bytes(&settings)?;
-        layers.push(Descriptor {
-            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
-            digest,
-            size: settings.len() as u64,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        });
+        layers.push(self.settings_layer(&plan.settings)?);
         let shown = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
         let outcome = self.commit_model(
             plan.config,
@@ -973,6 +965,34 @@ impl Store {
         Ok(result.expect("commit ran the check"))
     }
 
+    /// Store `content` as a blob and describe it as the layer for the file `path`.
+    fn file_layer(&self, path: &str, media_type: &str, content: &[u8]) -> Result<Descriptor> {
+        let digest = self.blobs.put_bytes(content)?;
+        Ok(Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size: content.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::from([
+                (ANNOTATION_FILEPATH.to_string(), path.to_string()),
+                (ANNOTATION_TITLE.to_string(), path.to_string()),
+            ]),
+        })
+    }
+
+    /// Store the settings document and describe it as the settings layer.
+    fn settings_layer(&self, settings: &Settings) -> Result<Descriptor> {
+        let bytes = serde_json::to_vec(settings).expect("settings serialise");
+        let digest = self.blobs.put_bytes(&bytes)?;
+        Ok(Descriptor {
+            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
+            digest,
+            size: bytes.len() as u64,
+            artifact_type: None,
+            annotations: BTreeMap::new(),
+        })
+    }
+
     /// Commit a model mote made itself (a federated run's first round, ...) from in-memory
     /// files, with its settings and ModelPack config; optionally tags it. Files become layers
     /// in the order given, written like any import (hash-checked, atomic).
@@ -988,28 +1008,10 @@ impl Store {
         let mut layers = Vec::with_capacity(files.len() + 1);
         let mut bytes = 0u64;
         for (path, content) in files {
-            let digest = self.blobs.put_bytes(content)?;
             bytes += content.len() as u64;
-            layers.push(Descriptor {
-                media_type: crate::import::media_type_for(path).into(),
-                digest,
-                size: content.len() as u64,
-                artifact_type: None,
-                annotations: BTreeMap::from([
-                    (ANNOTATION_FILEPATH.to_string(), path.clone()),
-                    (ANNOTATION_TITLE.to_string(), path.clone()),
-                ]),
-            });
+            layers.push(self.file_layer(path, crate::import::media_type_for(path), content)?);
         }
-        let settings_bytes = serde_json::to_vec(settings).expect("settings serialise");
-        let digest = self.blobs.put_bytes(&settings_bytes)?;
-        layers.push(Descriptor {
-            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
-            digest,
-            size: settings_bytes.len() as u64,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        });
+        layers.push(self.settings_layer(settings)?);
         let outcome =
             self.commit_model(config, layers, source.to_string(), tag, TagReason::Commit)?;
         Ok(ImportOutcome { bytes, ..outcome })
@@ -1055,33 +1057,15 @@ impl Store {
             }
         }
         for (path, content) in replace.iter().filter(|(p, _)| !done.contains(p)) {
-            let digest = self.blobs.put_bytes(content)?;
             bytes += content.len() as u64;
-            layers.push(Descriptor {
-                media_type: MEDIA_TYPE_WEIGHT_CONFIG_RAW.into(),
-                digest,
-                size: content.len() as u64,
-                artifact_type: None,
-                annotations: BTreeMap::from([
-                    (ANNOTATION_FILEPATH.to_string(), path.clone()),
-                    (ANNOTATION_TITLE.to_string(), path.clone()),
-                ]),
-            });
+            layers.push(self.file_layer(path, MEDIA_TYPE_WEIGHT_CONFIG_RAW, content)?);
         }
         let mut settings = info.settings.clone();
         settings.provenance = Some(crate::settings::Provenance {
             parent: Some(parent_digest),
             ..provenance
         });
-        let settings_bytes = serde_json::to_vec(&settings).expect("settings serialise");
-        let digest = self.blobs.put_bytes(&settings_bytes)?;
-        layers.push(Descriptor {
-            media_type: MEDIA_TYPE_MOTE_SETTINGS.into(),
-            digest,
-            size: settings_bytes.len() as u64,
-            artifact_type: None,
-            annotations: BTreeMap::new(),
-        });
+        layers.push(self.settings_layer(&settings)?);
         let mut config = info.config.clone();
         tech(&mut config.config);
         let outcome = self.commit_model(
