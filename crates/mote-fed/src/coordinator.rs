@@ -572,7 +572,7 @@ pub async fn run(
         submissions,
         tokens: opts.tokens.clone(),
     });
-    let incoming = tokio_stream_from(listener);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let svc = FederationServer::new(Service(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -868,13 +868,6 @@ pub fn progress_line(m: &RoundMetrics, rounds: u64) -> String {
         &m.model[..19.min(m.model.len())],
         m.seconds
     )
-}
-
-/// A stream of accepted connections for tonic.
-fn tokio_stream_from(
-    listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
 
 /// Bind `addr` (e.g. `127.0.0.1:0`).

@@ -34,13 +34,9 @@ pub struct ClientData {
 pub fn digits_path() -> PathBuf {
     std::env::var_os("MOTE_MODELS_DIR")
         .map(PathBuf::from)
-        .or_else(|| dirs_home().map(|h| h.join(".cache/mote/models")))
+        .or_else(|| dirs::home_dir().map(|h| h.join(".cache/mote/models")))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("sklearn-data/digits.csv.gz")
-}
-
-fn dirs_home() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from)
 }
 
 /// Load the configured data set, multiplied by `data.scale` when `scaled`.
