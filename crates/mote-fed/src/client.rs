@@ -7,6 +7,7 @@
 //! round, so a round the coordinator re-runs after a restart gives the same update.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::dp;
 use crate::error::{FedError, Result};
 use crate::proto::federation_client::FederationClient;
 use crate::proto::{Chunk, ChunkRef, JoinRequest, NextRequest, Submission, TaskKind};
+use crate::secagg::{self, ClientRound, MaskedInputTask, ShareKeysTask, TrainTask, UnmaskTask};
 use crate::{PROTOCOL_VERSION, derive_seed};
 
 /// Largest model a client downloads.
@@ -41,6 +43,12 @@ pub struct ClientOptions {
     /// Wait this long before training each round (a deliberate straggler, for tests and
     /// deadline experiments).
     pub delay: Duration,
+    /// Write each round's fixed-point secure-aggregation input here (tests: the coordinator's
+    /// recovered sum must equal the survivors' inputs added up).
+    pub debug_dir: Option<PathBuf>,
+    /// On receiving a task of this kind, announce it on stderr and hang (tests kill the
+    /// process there, at a known step of the round).
+    pub stall_at: Option<TaskKind>,
 }
 
 /// What a client did.
@@ -89,6 +97,8 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
     let mut cache: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
     let mut residuals: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
     let mut joined = false;
+    let mut secure: Option<ClientRound> = None;
+    let mut refused: Option<(u64, i32)> = None;
     let mut unreachable_since: Option<tokio::time::Instant> = None;
     loop {
         let step: std::result::Result<bool, tonic::Status> = async {
@@ -114,10 +124,57 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
                 ))
                 .await?
                 .into_inner();
-            match TaskKind::try_from(task.kind).unwrap_or(TaskKind::Wait) {
+            let kind = TaskKind::try_from(task.kind).unwrap_or(TaskKind::Wait);
+            match kind {
                 TaskKind::Done => return Ok(true),
-                TaskKind::Train => {}
-                _ => return Ok(false),
+                TaskKind::Wait => return Ok(false),
+                _ => {}
+            }
+            if opts.stall_at == Some(kind) {
+                eprintln!(
+                    "fed client {}: stalling at {kind:?} of round {}",
+                    opts.node_id, task.round
+                );
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            if refused == Some((task.round, task.kind)) {
+                // Already refused this step; wait for the coordinator to move on.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return Ok(false);
+            }
+            if kind != TaskKind::Train {
+                let Some(state) = secure.as_mut().filter(|c| c.round() == task.round) else {
+                    eprintln!(
+                        "fed client {}: no secure-aggregation state for round {} (restarted?); sitting the round out",
+                        opts.node_id, task.round
+                    );
+                    refused = Some((task.round, task.kind));
+                    return Ok(false);
+                };
+                let answer = match secure_step(state, kind, &task.secagg) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("fed client {}: round {}: {e}", opts.node_id, task.round);
+                        refused = Some((task.round, task.kind));
+                        return Ok(false);
+                    }
+                };
+                let (message, payload) = answer;
+                let chunks = upload(&mut rpc, &opts.token, &payload).await?;
+                rpc.submit(request(
+                    Submission {
+                        version: PROTOCOL_VERSION,
+                        node_id: opts.node_id.clone(),
+                        round: task.round,
+                        kind: task.kind,
+                        update_chunks: chunks,
+                        secagg: message,
+                        ..Default::default()
+                    },
+                    &opts.token,
+                ))
+                .await?;
+                return Ok(false);
             }
             let settings: ClientSettings = serde_json::from_str(&task.settings_json)
                 .map_err(|e| tonic::Status::internal(format!("bad task settings: {e}")))?;
@@ -155,36 +212,50 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
             if !opts.delay.is_zero() {
                 tokio::time::sleep(opts.delay).await;
             }
-            let work = {
+            let (delta, metrics, examples) = {
                 let opts = opts.clone();
+                let round = task.round;
+                let settings = settings.clone();
+                tokio::task::spawn_blocking(move || local_round(&opts, &settings, &model, round))
+                    .await
+                    .map_err(|e| tonic::Status::internal(format!("training task failed: {e}")))?
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?
+            };
+            let (payload, advert) = if settings.secagg.enabled {
+                // The update stays here; only keys go out now, the masked update later.
+                let t: TrainTask = serde_json::from_slice(&task.secagg).map_err(|e| {
+                    tonic::Status::internal(format!("bad secure-aggregation task: {e}"))
+                })?;
+                let w = t
+                    .weight_scale
+                    .filter(|s| *s > 0.0)
+                    .map_or(1.0, |s| examples as f64 / s) as f32;
+                let mut v: Vec<f32> = delta.iter().map(|x| x * w).collect();
+                v.push(w);
+                let x = secagg::encode_fixed(&v, settings.secagg.clip);
+                if let Some(dir) = &opts.debug_dir {
+                    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let path = dir.join(format!("round-{}-{}.u32", task.round, opts.node_id));
+                    crate::coordinator::write_atomic(&path, &bytes)
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                }
+                let (state, advert) = ClientRound::new(&opts.node_id, task.round, x)
+                    .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                secure = Some(state);
+                (Vec::new(), serde_json::to_vec(&advert).expect("json"))
+            } else {
                 let base = residuals
                     .range(..task.round)
                     .next_back()
                     .map(|(_, r)| r.clone())
                     .unwrap_or_default();
-                let round = task.round;
-                tokio::task::spawn_blocking(move || {
-                    local_round(&opts, &settings, &model, round, base)
-                })
-                .await
-                .map_err(|e| tonic::Status::internal(format!("training task failed: {e}")))?
-                .map_err(|e| tonic::Status::internal(e.to_string()))?
+                let mut comp = Compressor { residual: base };
+                let payload = comp.compress(&delta, &settings.compression);
+                residuals.retain(|&r, _| r + 1 >= task.round);
+                residuals.insert(task.round, comp.residual);
+                (payload, Vec::new())
             };
-            let (payload, metrics, residual, examples) = work;
-            residuals.retain(|&r, _| r + 1 >= task.round);
-            residuals.insert(task.round, residual);
-            let parts = chunks::split(&payload);
-            for (d, c) in &parts {
-                rpc.put_chunk(request(
-                    Chunk {
-                        version: PROTOCOL_VERSION,
-                        digest: d.clone(),
-                        data: c.to_vec(),
-                    },
-                    &opts.token,
-                ))
-                .await?;
-            }
+            let update_chunks = upload(&mut rpc, &opts.token, &payload).await?;
             let reply = rpc
                 .submit(request(
                     Submission {
@@ -192,10 +263,10 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
                         node_id: opts.node_id.clone(),
                         round: task.round,
                         kind: TaskKind::Train as i32,
-                        update_chunks: parts.iter().map(|p| p.0.clone()).collect(),
+                        update_chunks,
                         examples,
                         metrics: metrics.into_iter().collect(),
-                        secagg: Vec::new(),
+                        secagg: advert,
                     },
                     &opts.token,
                 ))
@@ -230,7 +301,51 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
     }
 }
 
-type LocalResult = (Vec<u8>, BTreeMap<String, f64>, Vec<f32>, u64);
+/// Upload `payload` as content-addressed chunks; returns their digests in order.
+async fn upload(
+    rpc: &mut FederationClient<Channel>,
+    token: &Option<String>,
+    payload: &[u8],
+) -> std::result::Result<Vec<String>, tonic::Status> {
+    let parts = chunks::split(payload);
+    for (d, c) in &parts {
+        rpc.put_chunk(request(
+            Chunk {
+                version: PROTOCOL_VERSION,
+                digest: d.clone(),
+                data: c.to_vec(),
+            },
+            token,
+        ))
+        .await?;
+    }
+    Ok(parts.into_iter().map(|p| p.0).collect())
+}
+
+/// A secure-aggregation step: (message for `Submission.secagg`, payload to upload as chunks).
+fn secure_step(state: &mut ClientRound, kind: TaskKind, task: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    fn parse<'a, T: serde::Deserialize<'a>>(b: &'a [u8]) -> Result<T> {
+        serde_json::from_slice(b)
+            .map_err(|e| FedError::SecAgg(format!("malformed task from the coordinator: {e}")))
+    }
+    match kind {
+        TaskKind::ShareKeys => {
+            let reply = state.share_keys(&parse::<ShareKeysTask>(task)?)?;
+            Ok((serde_json::to_vec(&reply).expect("json"), Vec::new()))
+        }
+        TaskKind::MaskedInput => {
+            let y = state.masked_input(&parse::<MaskedInputTask>(task)?)?;
+            Ok((Vec::new(), y.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        }
+        TaskKind::Unmask => {
+            let reply = state.unmask(&parse::<UnmaskTask>(task)?)?;
+            Ok((serde_json::to_vec(&reply).expect("json"), Vec::new()))
+        }
+        other => Err(FedError::SecAgg(format!("unexpected task {other:?}"))),
+    }
+}
+
+type LocalResult = (Vec<f32>, BTreeMap<String, f64>, u64);
 
 /// Evaluate the global model locally, train, and encode the update.
 fn local_round(
@@ -238,7 +353,6 @@ fn local_round(
     settings: &ClientSettings,
     model: &[u8],
     round: u64,
-    residual: Vec<f32>,
 ) -> Result<LocalResult> {
     let spec = &settings.model;
     spec.validate()?;
@@ -267,7 +381,5 @@ fn local_round(
         let norm = dp::clip(&mut delta, bound);
         metrics.insert("update_norm".to_string(), norm);
     }
-    let mut comp = Compressor { residual };
-    let payload = comp.compress(&delta, &settings.compression);
-    Ok((payload, metrics, comp.residual, opts.train.len() as u64))
+    Ok((delta, metrics, opts.train.len() as u64))
 }

@@ -225,19 +225,43 @@ fn yes() -> bool {
 }
 
 /// Secure aggregation settings.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecAggConfig {
     /// Mask updates so the coordinator only learns their sum.
     #[serde(default)]
     pub enabled: bool,
-    /// Shares needed to recover a dropped client's mask key (default: ⌊2n/3⌋ + 1 of the
-    /// round's participants).
-    #[serde(default)]
-    pub threshold: Option<usize>,
-    /// Fixed-point scale for masked sums (values are clipped to ±`clip`).
+    /// Fraction of the round's advertised participants whose shares recover a secret
+    /// (always at least a strict majority and 2). More tolerates fewer dropouts after the
+    /// key exchange; less reveals secrets to smaller coalitions.
+    #[serde(default = "two_thirds")]
+    pub threshold: f64,
+    /// Values are clipped to ±`clip` before fixed-point encoding (2¹⁶ steps per unit).
     #[serde(default = "fixed_clip")]
     pub clip: f32,
+    /// Deadline of each key-exchange, masking and unmasking step, in seconds (training has
+    /// `sampling.deadline_s`).
+    #[serde(default = "step_deadline")]
+    pub step_deadline_s: f64,
+}
+
+impl Default for SecAggConfig {
+    fn default() -> Self {
+        SecAggConfig {
+            enabled: false,
+            threshold: two_thirds(),
+            clip: fixed_clip(),
+            step_deadline_s: step_deadline(),
+        }
+    }
+}
+
+fn two_thirds() -> f64 {
+    2.0 / 3.0
+}
+
+fn step_deadline() -> f64 {
+    30.0
 }
 
 fn fixed_clip() -> f32 {
@@ -371,9 +395,24 @@ impl RunConfig {
                         .into(),
                 );
             }
-            if c.top_k > 0.0 && c.top_k < 1.0 {
+            if c.int8 || (c.top_k > 0.0 && c.top_k < 1.0) {
                 return Err(
-                    "top-k sparsification cannot be combined with secure aggregation (masks make every coordinate dense); use int8 alone"
+                    "compression cannot be combined with secure aggregation: masked updates are uniformly random 32-bit vectors; turn compression off or secure aggregation off"
+                        .into(),
+                );
+            }
+            let a = &self.secagg;
+            if !(a.threshold > 0.0 && a.threshold <= 1.0)
+                || !(a.clip.is_finite() && a.clip > 0.0 && a.clip <= 1024.0)
+                || !(a.step_deadline_s.is_finite() && a.step_deadline_s > 0.0)
+            {
+                return Err(
+                    "secagg: threshold in (0, 1], clip in (0, 1024] and step_deadline_s > 0".into(),
+                );
+            }
+            if s.min_updates < 2 {
+                return Err(
+                    "secure aggregation needs sampling.min_updates ≥ 2 (the sum of one update is that update)"
                         .into(),
                 );
             }
@@ -450,8 +489,8 @@ lr = 0.1
                 "robust",
             ),
             (
-                "[secagg]\nenabled = true\n[compression]\ntop_k = 0.1\n",
-                "top-k",
+                "[secagg]\nenabled = true\n[compression]\nint8 = true\n",
+                "compression",
             ),
             ("[dp]\nclip_norm = 0\nnoise_multiplier = 1\n", "clip_norm"),
         ] {

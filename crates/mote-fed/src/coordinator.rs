@@ -36,6 +36,9 @@ use crate::config::{RunConfig, StrategyConfig};
 use crate::dp;
 use crate::error::{FedError, Result};
 use crate::partition::normal;
+use crate::secagg::{
+    self, Advert, MaskedInputTask, ShareKeysReply, ShareKeysTask, TrainTask, UnmaskReply, UnmaskTask,
+};
 use crate::proto::federation_server::{Federation, FederationServer};
 use crate::proto::{
     Chunk, ChunkAck, ChunkRef, JoinReply, JoinRequest, NextRequest, Submission, SubmitReply, Task,
@@ -69,6 +72,9 @@ pub struct CoordinatorOptions {
     pub progress: bool,
     /// Stop after completing this many rounds in this process (tests of kill/resume).
     pub stop_after: Option<u64>,
+    /// Write everything the coordinator holds under secure aggregation here — each masked
+    /// input, the recovered fixed-point sum, the survivors (for tests and audits).
+    pub debug_dir: Option<PathBuf>,
 }
 
 /// One round's outcome, as printed and written to `metrics.jsonl`.
@@ -143,18 +149,77 @@ struct NodeState {
 
 struct Received {
     examples: u64,
+    /// The decoded update (empty under secure aggregation).
     delta: Vec<f32>,
+    /// The node's keys (secure aggregation only).
+    advert: Option<Advert>,
     metrics: BTreeMap<String, f64>,
     bytes: u64,
 }
 
+/// A step of a round. Without secure aggregation a round is one `Train` step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Train,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+}
+
+impl Step {
+    fn kind(self) -> TaskKind {
+        match self {
+            Step::Train => TaskKind::Train,
+            Step::ShareKeys => TaskKind::ShareKeys,
+            Step::MaskedInput => TaskKind::MaskedInput,
+            Step::Unmask => TaskKind::Unmask,
+        }
+    }
+}
+
+/// A secure-aggregation step's answer.
+enum Answer {
+    Shares(ShareKeysReply),
+    Masked(Vec<u32>),
+    Unmask(UnmaskReply),
+}
+
 struct OpenRound {
     number: u64,
-    sampled: BTreeSet<String>,
+    step: Step,
+    /// Nodes asked in the current step.
+    expected: BTreeSet<String>,
     model_chunks: Vec<String>,
     settings_json: String,
+    /// The step's payload for every node (`Task.secagg`), unless `per_node` has one.
+    payload: Vec<u8>,
+    per_node: BTreeMap<String, Vec<u8>>,
+    /// `Train` answers.
     received: BTreeMap<String, Received>,
+    /// Answers of the current secure-aggregation step.
+    answers: BTreeMap<String, Answer>,
+    /// Bytes received per node over all steps.
+    bytes: BTreeMap<String, u64>,
 }
+
+impl OpenRound {
+    fn answered(&self, node: &str) -> bool {
+        match self.step {
+            Step::Train => self.received.contains_key(node),
+            _ => self.answers.contains_key(node),
+        }
+    }
+
+    fn answered_count(&self) -> usize {
+        match self.step {
+            Step::Train => self.received.len(),
+            _ => self.answers.len(),
+        }
+    }
+}
+
+/// Largest secure-aggregation message (keys, share ciphertexts, unmask answers) accepted.
+const MAX_SECAGG_MESSAGE: usize = 4 << 20;
 
 #[derive(Default)]
 struct State {
@@ -175,6 +240,7 @@ struct Shared {
     /// Bumped on every accepted update.
     submissions: watch::Sender<u64>,
     tokens: Option<HashMap<String, Option<String>>>,
+    secagg: bool,
 }
 
 impl Shared {
@@ -330,17 +396,23 @@ impl Federation for Service {
         let payload = self
             .0
             .chunks
-            .assemble(&r.update_chunks, 4 * self.0.params + 4096);
+            .assemble(&r.update_chunks, 4 * (self.0.params + 1) + 4096);
         let payload = match payload {
             Ok(p) => p,
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
+        if r.secagg.len() > MAX_SECAGG_MESSAGE {
+            return Err(Status::invalid_argument(
+                "the secure-aggregation message is larger than 4 MiB",
+            ));
+        }
         let mut st = self.0.state.lock().expect("state");
         let open_round = st.open.as_ref().map(|o| o.number);
         let Some(open) = st.open.as_mut().filter(|o| o.number == r.round) else {
             st.late += 1;
             let why = format!(
-                "update for round {} from {} discarded: {}",
+                "{:?} answer for round {} from {} discarded: {}",
+                TaskKind::try_from(r.kind).unwrap_or(TaskKind::Wait),
                 r.round,
                 r.node_id,
                 match open_round {
@@ -351,32 +423,95 @@ impl Federation for Service {
             eprintln!("fed: {why}");
             return reply(false, why);
         };
-        if !open.sampled.contains(&r.node_id) {
+        if r.kind != open.step.kind() as i32 {
             return reply(
                 false,
-                format!("{} was not sampled for round {}", r.node_id, r.round),
+                format!(
+                    "round {} is at step {:?}, not {:?}",
+                    r.round,
+                    open.step.kind(),
+                    TaskKind::try_from(r.kind).unwrap_or(TaskKind::Wait)
+                ),
             );
         }
-        if open.received.contains_key(&r.node_id) {
+        if !open.expected.contains(&r.node_id) {
+            return reply(
+                false,
+                format!(
+                    "{} was not asked for step {:?} of round {}",
+                    r.node_id,
+                    open.step.kind(),
+                    r.round
+                ),
+            );
+        }
+        if open.answered(&r.node_id) {
             return reply(true, "already received".into());
         }
-        let delta = compress::decode(&payload, self.0.params)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let metrics = r
-            .metrics
-            .iter()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        open.received.insert(
-            r.node_id.clone(),
-            Received {
-                examples: r.examples,
-                delta,
-                metrics,
-                bytes: payload.len() as u64,
-            },
-        );
+        let bad = |what: &str, e: String| {
+            Status::invalid_argument(format!("{what} from {}: {e}", r.node_id))
+        };
+        let size = (payload.len() + r.secagg.len()) as u64;
+        match open.step {
+            Step::Train => {
+                let (delta, advert) = if self.0.secagg {
+                    let a: Advert = serde_json::from_slice(&r.secagg)
+                        .map_err(|e| bad("secure-aggregation keys", e.to_string()))?;
+                    if a.node != r.node_id {
+                        return Err(bad("keys", "they name another node".into()));
+                    }
+                    (Vec::new(), Some(a))
+                } else {
+                    let d = compress::decode(&payload, self.0.params)
+                        .map_err(|e| bad("update", e.to_string()))?;
+                    (d, None)
+                };
+                let metrics = r
+                    .metrics
+                    .iter()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect();
+                open.received.insert(
+                    r.node_id.clone(),
+                    Received {
+                        examples: r.examples,
+                        delta,
+                        advert,
+                        metrics,
+                        bytes: size,
+                    },
+                );
+            }
+            Step::ShareKeys => {
+                let a: ShareKeysReply = serde_json::from_slice(&r.secagg)
+                    .map_err(|e| bad("key shares", e.to_string()))?;
+                open.answers.insert(r.node_id.clone(), Answer::Shares(a));
+            }
+            Step::MaskedInput => {
+                if payload.len() != 4 * (self.0.params + 1) {
+                    return Err(bad(
+                        "masked input",
+                        format!(
+                            "{} bytes, expected {}",
+                            payload.len(),
+                            4 * (self.0.params + 1)
+                        ),
+                    ));
+                }
+                let y = payload
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect();
+                open.answers.insert(r.node_id.clone(), Answer::Masked(y));
+            }
+            Step::Unmask => {
+                let a: UnmaskReply = serde_json::from_slice(&r.secagg)
+                    .map_err(|e| bad("unmask answer", e.to_string()))?;
+                open.answers.insert(r.node_id.clone(), Answer::Unmask(a));
+            }
+        }
+        *open.bytes.entry(r.node_id.clone()).or_default() += size;
         drop(st);
         Shared::bump(&self.0.submissions);
         reply(true, String::new())
@@ -399,13 +534,13 @@ impl Service {
             ));
         }
         Ok(st.open.as_ref().and_then(|o| {
-            (o.sampled.contains(node) && !o.received.contains_key(node)).then(|| Task {
+            (o.expected.contains(node) && !o.answered(node)).then(|| Task {
                 version: PROTOCOL_VERSION,
-                kind: TaskKind::Train as i32,
+                kind: o.step.kind() as i32,
                 round: o.number,
                 model_chunks: o.model_chunks.clone(),
                 settings_json: o.settings_json.clone(),
-                secagg: Vec::new(),
+                secagg: o.per_node.get(node).unwrap_or(&o.payload).clone(),
             })
         }))
     }
@@ -571,6 +706,7 @@ pub async fn run(
         tasks,
         submissions,
         tokens: opts.tokens.clone(),
+        secagg: cfg.secagg.enabled,
     });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let svc = FederationServer::new(Service(shared.clone()));
@@ -595,7 +731,7 @@ pub async fn run(
         shared.chunks.put_own(&model_chunks);
         let chunk_ids: Vec<String> = model_chunks.iter().map(|c| c.0.clone()).collect();
         let mut attempt = 0u32;
-        let (received, available, sampled_n, late, bytes_down) = loop {
+        let (gathered, available, sampled_n, late, bytes_down) = loop {
             attempt += 1;
             // 1. enough nodes.
             let mut rx = shared.tasks.subscribe();
@@ -611,9 +747,19 @@ pub async fn run(
                 let mut st = shared.state.lock().expect("state");
                 let ids: Vec<String> = st.nodes.keys().cloned().collect();
                 let n = ids.len();
-                let want = ((cfg.sampling.fraction * n as f64).ceil() as usize)
+                let mut want = ((cfg.sampling.fraction * n as f64).ceil() as usize)
                     .max(cfg.sampling.min_fit)
                     .min(n);
+                if cfg.secagg.enabled && want > secagg::MAX_PARTICIPANTS {
+                    if attempt == 1 {
+                        eprintln!(
+                            "fed: round {round}: sampling {} of {want} nodes (secure aggregation handles at most {} per round)",
+                            secagg::MAX_PARTICIPANTS,
+                            secagg::MAX_PARTICIPANTS
+                        );
+                    }
+                    want = secagg::MAX_PARTICIPANTS;
+                }
                 let mut rng = Rng::new(derive_seed(
                     cfg.seed,
                     &[b"sample", &round.to_le_bytes(), &attempt.to_le_bytes()],
@@ -621,60 +767,64 @@ pub async fn run(
                 let mut ids = ids;
                 mote_engine::train::data::shuffle(&mut ids, &mut rng);
                 let sampled: BTreeSet<String> = ids.into_iter().take(want).collect();
+                let payload = if cfg.secagg.enabled {
+                    // Weights in [0, 1] keep weighted updates within the fixed-point range.
+                    let most = sampled
+                        .iter()
+                        .map(|id| st.nodes[id].examples)
+                        .max()
+                        .unwrap_or(1)
+                        .max(1);
+                    let task = TrainTask {
+                        weight_scale: cfg.dp.is_none().then_some(most as f64),
+                    };
+                    serde_json::to_vec(&task).expect("json")
+                } else {
+                    Vec::new()
+                };
                 st.late = 0;
                 st.bytes_down = 0;
                 st.open = Some(OpenRound {
                     number: round,
-                    sampled: sampled.clone(),
+                    step: Step::Train,
+                    expected: sampled.clone(),
                     model_chunks: chunk_ids.clone(),
                     settings_json: settings_json.clone(),
+                    payload,
+                    per_node: BTreeMap::new(),
                     received: BTreeMap::new(),
+                    answers: BTreeMap::new(),
+                    bytes: BTreeMap::new(),
                 });
                 (sampled, n)
             };
             Shared::bump(&shared.tasks);
             // 3. collect until all answered or the deadline.
-            let deadline =
-                tokio::time::Instant::now() + Duration::from_secs_f64(cfg.sampling.deadline_s);
-            let mut sub = shared.submissions.subscribe();
-            loop {
-                sub.borrow_and_update();
-                let got = shared
-                    .state
-                    .lock()
-                    .expect("state")
-                    .open
-                    .as_ref()
-                    .map_or(0, |o| o.received.len());
-                if got >= sampled.len() {
-                    break;
-                }
-                if tokio::time::timeout_at(deadline, sub.changed())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            let (open, late, bytes_down) = {
+            collect(&shared, Duration::from_secs_f64(cfg.sampling.deadline_s)).await;
+            let outcome = if cfg.secagg.enabled {
+                secure_steps(&shared, &cfg, round, opts.debug_dir.as_deref()).await
+            } else {
+                plain_updates(&shared, &cfg)
+            };
+            let (late, bytes_down) = {
                 let mut st = shared.state.lock().expect("state");
-                (st.open.take().expect("open round"), st.late, st.bytes_down)
+                st.open = None;
+                (st.late, st.bytes_down)
             };
             Shared::bump(&shared.tasks);
             shared.chunks.clear_uploads();
-            if open.received.len() >= cfg.sampling.min_updates {
-                break (open.received, available, sampled.len(), late, bytes_down);
+            match outcome {
+                Ok(g) => break (g, available, sampled.len(), late, bytes_down),
+                Err(why) => eprintln!(
+                    "fed: round {round} attempt {attempt} ({} sampled): {why}; retrying",
+                    sampled.len()
+                ),
             }
-            eprintln!(
-                "fed: round {round} attempt {attempt}: {} of {} sampled nodes answered by the deadline, {} needed; retrying",
-                open.received.len(),
-                sampled.len(),
-                cfg.sampling.min_updates
-            );
         };
         shared.chunks.remove(&chunk_ids);
 
         // 5. aggregate.
+        let received = &gathered.received;
         let weighted = |key: &str| -> Option<f64> {
             let (mut s, mut w) = (0.0, 0.0);
             for r in received.values() {
@@ -695,36 +845,47 @@ pub async fn run(
         let train_loss = weighted("train_loss");
         let fed_eval_accuracy = weighted("eval_accuracy");
         let fed_eval_loss = weighted("eval_loss");
-        let bytes_up: u64 = received.values().map(|r| r.bytes).sum();
+        let bytes_up = gathered.bytes_up;
         let participants = received.len();
-        let mut updates: Vec<ClientUpdate> = received
-            .into_iter()
-            .map(|(node, r)| ClientUpdate {
-                node,
-                examples: if cfg.dp.is_some() { 1 } else { r.examples },
-                delta: r.delta,
-            })
-            .collect();
-        let mut mean = None;
-        if let Some(dpc) = &cfg.dp {
-            // Clipped updates (clients clip; clip again so a dishonest client cannot exceed
-            // the bound), summed, noised, averaged over the participants.
-            let mut sum = vec![0.0f64; params.len()];
-            for u in &mut updates {
-                dp::clip(&mut u.delta, dpc.clip_norm);
-                sum.iter_mut()
-                    .zip(&u.delta)
-                    .for_each(|(s, x)| *s += *x as f64);
+        let mut noise = Rng::new(derive_seed(cfg.seed, &[b"dp-noise", &round.to_le_bytes()]));
+        let sd = cfg.dp.map_or(0.0, |d| d.noise_multiplier * d.clip_norm);
+        let (mut updates, mean) = match gathered.aggregate {
+            Aggregate::Updates(mut updates) => {
+                let mut mean = None;
+                if let Some(dpc) = &cfg.dp {
+                    // Clipped updates (clients clip; clip again so a dishonest client cannot
+                    // exceed the bound), summed, noised, averaged over the participants.
+                    let mut sum = vec![0.0f64; params.len()];
+                    for u in &mut updates {
+                        dp::clip(&mut u.delta, dpc.clip_norm);
+                        sum.iter_mut()
+                            .zip(&u.delta)
+                            .for_each(|(s, x)| *s += *x as f64);
+                    }
+                    let n = updates.len() as f64;
+                    mean = Some(
+                        sum.iter()
+                            .map(|s| ((s + sd * normal(&mut noise)) / n) as f32)
+                            .collect(),
+                    );
+                }
+                (updates, mean)
             }
-            let mut rng = Rng::new(derive_seed(cfg.seed, &[b"dp-noise", &round.to_le_bytes()]));
-            let sd = dpc.noise_multiplier * dpc.clip_norm;
-            let n = updates.len() as f64;
-            mean = Some(
-                sum.iter()
-                    .map(|s| ((s + sd * normal(&mut rng)) / n) as f32)
-                    .collect(),
-            );
-        }
+            Aggregate::Sum { sum, weight } => {
+                // The weighted sum of the survivors' updates is all the coordinator learns.
+                // Under DP every weight is 1 and the clients clipped; noise goes on the sum.
+                let w = if weight > 0.0 {
+                    weight
+                } else {
+                    participants as f64
+                };
+                let mean = sum
+                    .iter()
+                    .map(|s| ((s + sd * normal(&mut noise)) / w) as f32)
+                    .collect();
+                (Vec::new(), Some(mean))
+            }
+        };
         strategy::apply(&cfg.strategy, &mut strat, &mut params, &mut updates, mean);
         let test = match &opts.test_set {
             Some(t) => Some(train::evaluate(&spec, &params, t)?),
@@ -824,6 +985,254 @@ pub async fn run(
         resumed_after,
         history,
     })
+}
+
+/// What a round gathered from its clients.
+struct Gathered {
+    /// The participants' training answers (metrics, examples), by node id.
+    received: BTreeMap<String, Received>,
+    /// Bytes the clients sent in all of the round's steps.
+    bytes_up: u64,
+    aggregate: Aggregate,
+}
+
+enum Aggregate {
+    /// Individual updates (no secure aggregation).
+    Updates(Vec<ClientUpdate>),
+    /// Only the weighted sum of the survivors' updates and the sum of their weights.
+    Sum { sum: Vec<f64>, weight: f64 },
+}
+
+/// Wait until every node asked in the open step answered, or `limit` passed.
+async fn collect(shared: &Shared, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut sub = shared.submissions.subscribe();
+    loop {
+        sub.borrow_and_update();
+        let done = shared
+            .state
+            .lock()
+            .expect("state")
+            .open
+            .as_ref()
+            .is_none_or(|o| o.answered_count() >= o.expected.len());
+        if done
+            || tokio::time::timeout_at(deadline, sub.changed())
+                .await
+                .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The plain round's updates, if enough arrived.
+fn plain_updates(shared: &Shared, cfg: &RunConfig) -> std::result::Result<Gathered, String> {
+    let mut st = shared.state.lock().expect("state");
+    let open = st.open.as_mut().expect("open round");
+    let mut received = std::mem::take(&mut open.received);
+    if received.len() < cfg.sampling.min_updates {
+        return Err(format!(
+            "{} updates arrived by the deadline, {} needed",
+            received.len(),
+            cfg.sampling.min_updates
+        ));
+    }
+    let updates = received
+        .iter_mut()
+        .map(|(node, r)| ClientUpdate {
+            node: node.clone(),
+            examples: if cfg.dp.is_some() { 1 } else { r.examples },
+            delta: std::mem::take(&mut r.delta),
+        })
+        .collect();
+    Ok(Gathered {
+        bytes_up: received.values().map(|r| r.bytes).sum(),
+        received,
+        aggregate: Aggregate::Updates(updates),
+    })
+}
+
+/// Move the open round to `step`, asking `expected`.
+fn open_step(
+    shared: &Shared,
+    step: Step,
+    expected: BTreeSet<String>,
+    payload: Vec<u8>,
+    per_node: BTreeMap<String, Vec<u8>>,
+) {
+    {
+        let mut st = shared.state.lock().expect("state");
+        let open = st.open.as_mut().expect("open round");
+        open.step = step;
+        open.expected = expected;
+        open.payload = payload;
+        open.per_node = per_node;
+        open.answers.clear();
+    }
+    Shared::bump(&shared.tasks);
+}
+
+/// End the open step: nobody is asked any more, and its answers are handed over.
+fn take_answers(shared: &Shared) -> BTreeMap<String, Answer> {
+    let mut st = shared.state.lock().expect("state");
+    let open = st.open.as_mut().expect("open round");
+    open.expected.clear();
+    std::mem::take(&mut open.answers)
+}
+
+/// The secure-aggregation steps after training: share keys, masked inputs, unmasking. The
+/// coordinator relays ciphertexts it cannot read and only ever holds masked vectors; what
+/// it recovers is the sum over the survivors.
+async fn secure_steps(
+    shared: &Shared,
+    cfg: &RunConfig,
+    round: u64,
+    debug_dir: Option<&Path>,
+) -> std::result::Result<Gathered, String> {
+    let limit = Duration::from_secs_f64(cfg.secagg.step_deadline_s);
+    let need = cfg.sampling.min_updates.max(2);
+    let ids = |v: &[Advert]| v.iter().map(|a| a.node.clone()).collect::<BTreeSet<_>>();
+    // U1: those who trained and advertised keys.
+    let u1: Vec<Advert> = {
+        let st = shared.state.lock().expect("state");
+        let open = st.open.as_ref().expect("open round");
+        open.received
+            .values()
+            .filter_map(|r| r.advert.clone())
+            .collect()
+    };
+    if u1.len() < need {
+        return Err(format!(
+            "{} nodes trained and sent keys by the deadline, {need} needed",
+            u1.len()
+        ));
+    }
+    let t = secagg::threshold(cfg.secagg.threshold, u1.len());
+    let task = ShareKeysTask {
+        threshold: t,
+        participants: u1.clone(),
+    };
+    open_step(
+        shared,
+        Step::ShareKeys,
+        ids(&u1),
+        to_json(&task),
+        BTreeMap::new(),
+    );
+    collect(shared, limit).await;
+    let shares: BTreeMap<String, ShareKeysReply> = take_answers(shared)
+        .into_iter()
+        .filter_map(|(k, a)| match a {
+            Answer::Shares(s) => Some((k, s)),
+            _ => None,
+        })
+        .collect();
+    let u2: Vec<Advert> = u1
+        .iter()
+        .filter(|a| shares.contains_key(&a.node))
+        .cloned()
+        .collect();
+    if u2.len() < t.max(need) {
+        return Err(format!(
+            "{} of {} nodes shared keys, {} needed",
+            u2.len(),
+            u1.len(),
+            t.max(need)
+        ));
+    }
+    let mut inboxes = secagg::route(&shares);
+    let per_node = u2
+        .iter()
+        .map(|a| {
+            let task = MaskedInputTask {
+                participants: u2.clone(),
+                inbox: inboxes.remove(&a.node).unwrap_or_default(),
+            };
+            (a.node.clone(), to_json(&task))
+        })
+        .collect();
+    open_step(shared, Step::MaskedInput, ids(&u2), Vec::new(), per_node);
+    collect(shared, limit).await;
+    let masked: BTreeMap<String, Vec<u32>> = take_answers(shared)
+        .into_iter()
+        .filter_map(|(k, a)| match a {
+            Answer::Masked(y) => Some((k, y)),
+            _ => None,
+        })
+        .collect();
+    if masked.len() < t.max(need) {
+        return Err(format!(
+            "{} of {} nodes sent masked inputs, {} needed",
+            masked.len(),
+            u2.len(),
+            t.max(need)
+        ));
+    }
+    let survivors: BTreeSet<String> = masked.keys().cloned().collect();
+    let task = UnmaskTask {
+        survivors: survivors.clone(),
+    };
+    open_step(
+        shared,
+        Step::Unmask,
+        survivors.clone(),
+        to_json(&task),
+        BTreeMap::new(),
+    );
+    collect(shared, limit).await;
+    let replies: Vec<UnmaskReply> = take_answers(shared)
+        .into_values()
+        .filter_map(|a| match a {
+            Answer::Unmask(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let d = shared.params + 1;
+    let sum = secagg::recover(round, &u2, &masked, &replies, t, d).map_err(|e| e.to_string())?;
+    if let Some(dir) = debug_dir {
+        dump(dir, round, &masked, &sum, &survivors).map_err(|e| e.to_string())?;
+    }
+    let values = secagg::decode_fixed(&sum);
+    let mut st = shared.state.lock().expect("state");
+    let open = st.open.as_mut().expect("open round");
+    let bytes_up = open.bytes.values().sum();
+    let received = std::mem::take(&mut open.received)
+        .into_iter()
+        .filter(|(k, _)| survivors.contains(k))
+        .collect();
+    Ok(Gathered {
+        received,
+        bytes_up,
+        aggregate: Aggregate::Sum {
+            weight: values[d - 1],
+            sum: values[..d - 1].to_vec(),
+        },
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("json")
+}
+
+/// Write what the coordinator held in a secure round: masked inputs, the recovered sum,
+/// the survivors.
+fn dump(
+    dir: &Path,
+    round: u64,
+    masked: &BTreeMap<String, Vec<u32>>,
+    sum: &[u32],
+    survivors: &BTreeSet<String>,
+) -> Result<()> {
+    let bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (node, y) in masked {
+        write_atomic(&dir.join(format!("round-{round}-masked-{node}.u32")), &bytes(y))?;
+    }
+    write_atomic(&dir.join(format!("round-{round}-sum.u32")), &bytes(sum))?;
+    write_atomic(
+        &dir.join(format!("round-{round}-survivors.json")),
+        &serde_json::to_vec(survivors).expect("json"),
+    )
 }
 
 fn append_line(path: &Path, line: &str) -> Result<()> {

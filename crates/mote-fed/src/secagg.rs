@@ -310,10 +310,8 @@ pub fn encode_fixed(x: &[f32], clip: f32) -> Vec<u32> {
 }
 
 /// Decode a sum of fixed-point vectors.
-pub fn decode_fixed(sum: &[u32]) -> Vec<f32> {
-    sum.iter()
-        .map(|&s| (s as i32 as f64 / SCALE) as f32)
-        .collect()
+pub fn decode_fixed(sum: &[u32]) -> Vec<f64> {
+    sum.iter().map(|&s| s as i32 as f64 / SCALE).collect()
 }
 
 /// Largest participant count whose fixed-point sum cannot overflow for `clip`.
@@ -449,6 +447,228 @@ pub fn recover(
         }
     }
     Ok(sum)
+}
+
+// ---- the protocol's messages and a client's side of a round ----------------------------
+
+/// `TRAIN` task payload when secure aggregation is on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainTask {
+    /// A client's weight is `examples / weight_scale` (the largest sampled node's example
+    /// count, so weights are in [0, 1]); `None` gives every client weight 1 (DP runs).
+    pub weight_scale: Option<f64>,
+}
+
+/// `SHARE_KEYS` task payload: the participants `U1` and the threshold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShareKeysTask {
+    /// Shares needed to recover a secret.
+    pub threshold: usize,
+    /// Everyone who advertised keys, sorted by node id.
+    pub participants: Vec<Advert>,
+}
+
+/// `SHARE_KEYS` answer: encrypted shares per recipient (hex).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShareKeysReply {
+    /// Recipient node id → ChaCha20-Poly1305 ciphertext of its shares, hex.
+    pub shares: BTreeMap<String, String>,
+}
+
+/// `MASKED_INPUT` task payload: `U2` and the ciphertexts addressed to this client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MaskedInputTask {
+    /// Everyone who shared keys, sorted by node id.
+    pub participants: Vec<Advert>,
+    /// Sender node id → ciphertext (hex) for this client.
+    pub inbox: BTreeMap<String, String>,
+}
+
+/// `UNMASK` task payload: `U3`, the clients whose masked input arrived.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnmaskTask {
+    /// Survivors, sorted.
+    pub survivors: BTreeSet<String>,
+}
+
+/// The threshold for `n` advertised participants: `⌈fraction·n⌉`, but always a strict
+/// majority (two disjoint groups can never both reach it) and at least 2.
+pub fn threshold(fraction: f64, n: usize) -> usize {
+    ((fraction * n as f64).ceil() as usize)
+        .max(n / 2 + 1)
+        .max(2)
+        .min(n)
+}
+
+/// Route `U2`'s share ciphertexts: recipient → (sender → ciphertext).
+pub fn route(
+    replies: &BTreeMap<String, ShareKeysReply>,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let mut inboxes: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (from, reply) in replies {
+        for (to, ct) in &reply.shares {
+            if replies.contains_key(to) {
+                inboxes
+                    .entry(to.clone())
+                    .or_default()
+                    .insert(from.clone(), ct.clone());
+            }
+        }
+    }
+    inboxes
+}
+
+/// A client's side of one secure-aggregation round. It keeps its secrets, answers each step
+/// at most one way (a repeated identical request gets the same answer, a different one is
+/// refused), and checks what the coordinator claims before revealing anything.
+pub struct ClientRound {
+    node: String,
+    round: u64,
+    secrets: ClientSecrets,
+    advert: Advert,
+    x: Vec<u32>,
+    keys: Option<(ShareKeysTask, ShareKeysReply)>,
+    masked: Option<(Vec<Advert>, BTreeMap<String, Vec<u8>>, Vec<u32>)>,
+    unmasked: Option<(BTreeSet<String>, UnmaskReply)>,
+}
+
+impl ClientRound {
+    /// Fresh secrets for `round`, holding the fixed-point input `x`; returns the advert.
+    pub fn new(node: &str, round: u64, x: Vec<u32>) -> Result<(ClientRound, Advert)> {
+        let (secrets, advert) = ClientSecrets::generate(node)?;
+        Ok((
+            ClientRound {
+                node: node.into(),
+                round,
+                secrets,
+                advert: advert.clone(),
+                x,
+                keys: None,
+                masked: None,
+                unmasked: None,
+            },
+            advert,
+        ))
+    }
+
+    /// The round this state belongs to.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Step 2: encrypted shares for every participant.
+    pub fn share_keys(&mut self, task: &ShareKeysTask) -> Result<ShareKeysReply> {
+        if let Some((seen, reply)) = &self.keys {
+            return if seen == task {
+                Ok(reply.clone())
+            } else {
+                Err(err(
+                    "asked to share keys twice with different participants; refusing",
+                ))
+            };
+        }
+        let n = task.participants.len();
+        if !task.participants.contains(&self.advert) {
+            return Err(err(
+                "the participant list does not carry this client's keys; refusing",
+            ));
+        }
+        if task.threshold < 2 || task.threshold * 2 <= n || task.threshold > n {
+            return Err(err(format!(
+                "threshold {} for {n} participants is not a strict majority of at least 2; refusing",
+                task.threshold
+            )));
+        }
+        let shares = share_keys(
+            &self.node,
+            &self.secrets,
+            self.round,
+            &task.participants,
+            task.threshold,
+        )?;
+        let reply = ShareKeysReply {
+            shares: shares
+                .into_iter()
+                .map(|(k, v)| (k, hex::encode(v)))
+                .collect(),
+        };
+        self.keys = Some((task.clone(), reply.clone()));
+        Ok(reply)
+    }
+
+    /// Step 3: the masked input.
+    pub fn masked_input(&mut self, task: &MaskedInputTask) -> Result<Vec<u32>> {
+        let Some((keys, _)) = &self.keys else {
+            return Err(err("asked for a masked input before sharing keys"));
+        };
+        if let Some((u2, _, y)) = &self.masked {
+            return if *u2 == task.participants {
+                Ok(y.clone())
+            } else {
+                Err(err(
+                    "asked for a second masked input with different participants; refusing",
+                ))
+            };
+        }
+        let u2 = &task.participants;
+        if !u2.iter().all(|a| keys.participants.contains(a)) || !u2.contains(&self.advert) {
+            return Err(err(
+                "the masked-input participants are not a subset of those keys were shared with; refusing",
+            ));
+        }
+        if u2.len() < keys.threshold {
+            return Err(err(format!(
+                "only {} clients shared keys, {} needed; refusing to send a masked input",
+                u2.len(),
+                keys.threshold
+            )));
+        }
+        let mut inbox = BTreeMap::new();
+        for a in u2 {
+            let ct = task
+                .inbox
+                .get(&a.node)
+                .and_then(|h| hex::decode(h).ok())
+                .ok_or_else(|| err(format!("the shares of {} were not relayed", a.node)))?;
+            inbox.insert(a.node.clone(), ct);
+        }
+        let y = mask(&self.node, &self.secrets, self.round, u2, &self.x)?;
+        self.masked = Some((u2.clone(), inbox, y.clone()));
+        Ok(y)
+    }
+
+    /// Step 4: the shares the coordinator needs to remove the masks of `U3`.
+    pub fn unmask(&mut self, task: &UnmaskTask) -> Result<UnmaskReply> {
+        let (Some((keys, _)), Some((u2, inbox, _))) = (&self.keys, &self.masked) else {
+            return Err(err("asked to unmask before sending a masked input"));
+        };
+        if let Some((seen, reply)) = &self.unmasked {
+            return if *seen == task.survivors {
+                Ok(reply.clone())
+            } else {
+                Err(err(
+                    "asked to unmask twice with different survivors; refusing (that could reveal an individual update)",
+                ))
+            };
+        }
+        if task.survivors.len() < keys.threshold {
+            return Err(err(format!(
+                "only {} survivors, {} needed; refusing to unmask",
+                task.survivors.len(),
+                keys.threshold
+            )));
+        }
+        let reply = unmask(
+            &self.node,
+            &self.secrets,
+            self.round,
+            u2,
+            inbox,
+            &task.survivors,
+        )?;
+        self.unmasked = Some((task.survivors.clone(), reply.clone()));
+        Ok(reply)
+    }
 }
 
 #[cfg(test)]
@@ -596,7 +816,7 @@ mod tests {
                 .iter()
                 .zip(&decode_fixed(&x))
                 .map(|(a, b)| (a - b).abs())
-                .sum::<f32>()
+                .sum::<f64>()
                 / 50.0;
             assert!(dist > 1000.0, "{node}: mean distance {dist}");
         }
@@ -611,5 +831,101 @@ mod tests {
             .to_string();
         assert!(e.contains("never shared"), "{e}");
         assert!(max_sum_terms(8.0) >= 4000);
+    }
+
+    #[test]
+    fn client_rounds_refuse_what_could_reveal_an_update() {
+        assert_eq!(threshold(2.0 / 3.0, 9), 6);
+        assert_eq!(threshold(0.1, 10), 6);
+        assert_eq!(threshold(0.9, 2), 2);
+        let mk = |n: &str, v: u32| ClientRound::new(n, 3, vec![v; 4]).unwrap();
+        let (mut a, aa) = mk("a", 1);
+        let (mut b, ab) = mk("b", 2);
+        let (mut c, ac) = mk("c", 3);
+        let all = vec![aa.clone(), ab.clone(), ac.clone()];
+        let weak = ShareKeysTask {
+            threshold: 1,
+            participants: all.clone(),
+        };
+        assert!(a.share_keys(&weak).unwrap_err().to_string().contains("majority"));
+        let task = ShareKeysTask {
+            threshold: 2,
+            participants: all.clone(),
+        };
+        let replies: BTreeMap<String, ShareKeysReply> = [
+            ("a".to_string(), a.share_keys(&task).unwrap()),
+            ("b".to_string(), b.share_keys(&task).unwrap()),
+            ("c".to_string(), c.share_keys(&task).unwrap()),
+        ]
+        .into();
+        // Same request, same answer; another participant list is refused.
+        assert_eq!(a.share_keys(&task).unwrap(), replies["a"]);
+        let other = ShareKeysTask {
+            threshold: 2,
+            participants: vec![aa.clone(), ab.clone()],
+        };
+        assert!(a.share_keys(&other).is_err());
+        let inboxes = route(&replies);
+        let masked = |r: &mut ClientRound, n: &str| {
+            r.masked_input(&MaskedInputTask {
+                participants: all.clone(),
+                inbox: inboxes[n].clone(),
+            })
+            .unwrap()
+        };
+        let ya = masked(&mut a, "a");
+        let yb = masked(&mut b, "b");
+        // c drops. Survivors {a, b}: unmask reveals b-shares of a, b and the s-share of c.
+        let survivors: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let ra = a
+            .unmask(&UnmaskTask {
+                survivors: survivors.clone(),
+            })
+            .unwrap();
+        let rb = b
+            .unmask(&UnmaskTask {
+                survivors: survivors.clone(),
+            })
+            .unwrap();
+        // Asking a again with c among the survivors would reveal c's self-mask share as
+        // well as its mask-key share: refused.
+        let e = a
+            .unmask(&UnmaskTask {
+                survivors: ["a", "b", "c"].iter().map(|s| s.to_string()).collect(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let held = BTreeMap::from([("a".to_string(), ya), ("b".to_string(), yb)]);
+        let sum = recover(3, &all, &held, &[ra, rb], 2, 4).unwrap();
+        assert_eq!(sum, vec![3u32; 4]);
+        // Too few survivors: refused before anything is revealed.
+        let (mut d, ad) = mk("d", 1);
+        let (mut e2, ae) = mk("e", 1);
+        let (mut f, af) = mk("f", 1);
+        let all = vec![ad, ae, af];
+        let task = ShareKeysTask {
+            threshold: 2,
+            participants: all.clone(),
+        };
+        let replies: BTreeMap<String, ShareKeysReply> = [
+            ("d".to_string(), d.share_keys(&task).unwrap()),
+            ("e".to_string(), e2.share_keys(&task).unwrap()),
+            ("f".to_string(), f.share_keys(&task).unwrap()),
+        ]
+        .into();
+        let inboxes = route(&replies);
+        d.masked_input(&MaskedInputTask {
+            participants: all.clone(),
+            inbox: inboxes["d"].clone(),
+        })
+        .unwrap();
+        let e = d
+            .unmask(&UnmaskTask {
+                survivors: ["d".to_string()].into(),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needed"), "{e}");
     }
 }

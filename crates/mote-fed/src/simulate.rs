@@ -186,6 +186,7 @@ pub async fn simulate(
             tokens: None,
             progress,
             stop_after: None,
+            debug_dir: None,
         },
         listener,
     ));
@@ -203,6 +204,8 @@ pub async fn simulate(
             eval: Arc::new(c.eval),
             patience: Duration::from_secs(30),
             delay: Duration::ZERO,
+            debug_dir: None,
+            stall_at: None,
         };
         handles.push(tokio::spawn(client::run(
             channel.clone().expect("channel"),

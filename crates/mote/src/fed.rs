@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use mote_engine::train::Dataset;
 use mote_fed::client::{self, ClientOptions};
 use mote_fed::coordinator::{self, CoordinatorOptions};
+use mote_fed::proto::TaskKind;
 use mote_fed::simulate;
 use mote_fed::{RunConfig, chunks};
 use mote_store::Store;
@@ -37,6 +38,10 @@ enum FedCommand {
         /// Stop after this many rounds (the run resumes from its checkpoint next time).
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Write what the coordinator holds under secure aggregation (masked inputs,
+        /// recovered sums) to this directory.
+        #[arg(long, hide = true)]
+        debug_dir: Option<PathBuf>,
         /// Print the run summary as JSON.
         #[arg(long)]
         json: bool,
@@ -67,6 +72,13 @@ enum FedCommand {
         /// Sleep this many milliseconds before training each round (a deliberate straggler).
         #[arg(long, default_value_t = 0, hide = true)]
         delay_ms: u64,
+        /// Write each round's secure-aggregation input (fixed point) to this directory.
+        #[arg(long, hide = true)]
+        debug_dir: Option<PathBuf>,
+        /// Hang on receiving this step's task (train, share-keys, masked-input, unmask), after
+        /// printing a line: tests kill the process there.
+        #[arg(long, hide = true, value_parser = ["train", "share-keys", "masked-input", "unmask"])]
+        stall_at: Option<String>,
     },
     /// Run a coordinator and N clients in one process over loopback gRPC.
     Simulate {
@@ -156,6 +168,8 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
         scale,
         patience_s,
         delay_ms,
+        debug_dir,
+        stall_at,
     } = a.command
     else {
         bail!("not a client command");
@@ -182,6 +196,13 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
                 eval: Arc::new(eval),
                 patience: Duration::from_secs(patience_s),
                 delay: Duration::from_millis(delay_ms),
+                debug_dir,
+                stall_at: stall_at.as_deref().map(|s| match s {
+                    "train" => TaskKind::Train,
+                    "share-keys" => TaskKind::ShareKeys,
+                    "masked-input" => TaskKind::MaskedInput,
+                    _ => TaskKind::Unmask,
+                }),
             },
         )
         .await
@@ -201,6 +222,7 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             addr,
             test_data,
             stop_after,
+            debug_dir,
             json,
         } => {
             let (cfg, digest) = load(&config)?;
@@ -234,6 +256,7 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
                         tokens,
                         progress: true,
                         stop_after,
+                        debug_dir,
                     },
                     listener,
                 )
