@@ -36,13 +36,14 @@ use crate::config::{RunConfig, StrategyConfig};
 use crate::dp;
 use crate::error::{FedError, Result};
 use crate::partition::normal;
-use crate::secagg::{
-    self, Advert, MaskedInputTask, ShareKeysReply, ShareKeysTask, TrainTask, UnmaskReply, UnmaskTask,
-};
 use crate::proto::federation_server::{Federation, FederationServer};
 use crate::proto::{
     Chunk, ChunkAck, ChunkRef, JoinReply, JoinRequest, NextRequest, Submission, SubmitReply, Task,
     TaskKind,
+};
+use crate::secagg::{
+    self, Advert, MaskedInputTask, ShareKeysReply, ShareKeysTask, TrainTask, UnmaskReply,
+    UnmaskTask,
 };
 use crate::strategy::{self, ClientUpdate, StrategyState};
 use crate::{PROTOCOL_VERSION, derive_seed};
@@ -1226,7 +1227,10 @@ fn dump(
 ) -> Result<()> {
     let bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     for (node, y) in masked {
-        write_atomic(&dir.join(format!("round-{round}-masked-{node}.u32")), &bytes(y))?;
+        write_atomic(
+            &dir.join(format!("round-{round}-masked-{node}.u32")),
+            &bytes(y),
+        )?;
     }
     write_atomic(&dir.join(format!("round-{round}-sum.u32")), &bytes(sum))?;
     write_atomic(

@@ -812,7 +812,7 @@ mod tests {
                 "{node}: {high}/50 in the upper half"
             );
             let decoded = decode_fixed(y);
-            let dist: f32 = decoded
+            let dist: f64 = decoded
                 .iter()
                 .zip(&decode_fixed(&x))
                 .map(|(a, b)| (a - b).abs())
@@ -847,7 +847,12 @@ mod tests {
             threshold: 1,
             participants: all.clone(),
         };
-        assert!(a.share_keys(&weak).unwrap_err().to_string().contains("majority"));
+        assert!(
+            a.share_keys(&weak)
+                .unwrap_err()
+                .to_string()
+                .contains("majority")
+        );
         let task = ShareKeysTask {
             threshold: 2,
             participants: all.clone(),

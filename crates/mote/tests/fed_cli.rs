@@ -300,7 +300,7 @@ fn a_killed_coordinator_resumes_to_the_same_model() {
         &[
             ("name = \"fed-digits\"", "name = \"fed-resume\""),
             ("rounds = 60", "rounds = 8"),
-            ("fraction = 0.2", "fraction = 0.5"),
+            ("\nfraction = 0.2", "\nfraction = 0.5"),
             ("min_fit = 10", "min_fit = 2"),
             ("min_available = 100", "min_available = 6"),
             ("min_updates = 10", "min_updates = 2"),
@@ -356,4 +356,174 @@ fn a_killed_coordinator_resumes_to_the_same_model() {
     );
     ok(fed(&b).args(["journal", "verify"]));
     assert!(!b.join("client-store-unused").exists());
+}
+
+fn read_u32s(p: &Path) -> Vec<u32> {
+    std::fs::read(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn wait_for_line(log: &Path, needle: &str) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{} never printed {needle:?}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn secure_aggregation_recovers_the_survivors_sum_with_30_percent_killed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config_variant(
+        tmp.path(),
+        "secagg",
+        &[
+            ("name = \"fed-digits\"", "name = \"fed-secagg\""),
+            ("rounds = 60", "rounds = 2"),
+            ("\nfraction = 0.2", "\nfraction = 1.0"),
+            ("min_fit = 10", "min_fit = 2"),
+            ("min_available = 100", "min_available = 10"),
+            ("min_updates = 10", "min_updates = 5"),
+            ("deadline_s = 60", "deadline_s = 4"),
+            (
+                "[compression]",
+                "[secagg]\nenabled = true\nthreshold = 0.5\nstep_deadline_s = 3\n\n[compression]",
+            ),
+        ],
+    );
+    let shards = tmp.path().join("shards");
+    ok(fed(&tmp.path().join("split-store"))
+        .args(["fed", "split", "--clients", "10", "--out"])
+        .arg(&shards)
+        .arg("--config")
+        .arg(&cfg));
+    let store = tmp.path().join("store");
+    let held = tmp.path().join("coordinator-held");
+    let inputs = tmp.path().join("client-inputs");
+    let logs = tmp.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = free_port();
+    let coordinator = fed(&store)
+        .args([
+            "fed",
+            "coordinator",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--json",
+            "--debug-dir",
+        ])
+        .arg(&held)
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(logs.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Three of ten clients die mid-round 1, one at each step: while training (before it
+    // advertised keys), after sharing its key shares (before its masked input), and after
+    // its masked input (before unmasking). The last two force recovery of a dropped
+    // client's mask key and an unmask round with a missing answer.
+    let stall = ["train", "masked-input", "unmask"];
+    let mut clients: Vec<Child> = (0..10)
+        .map(|i| {
+            let mut c = fed(&tmp.path().join("unused"));
+            c.args([
+                "fed",
+                "client",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+            ])
+            .args(["--node-id", &format!("node-{i}"), "--scale", "0.0625"])
+            .arg("--debug-dir")
+            .arg(&inputs)
+            .arg("--data")
+            .arg(shards.join(format!("client-{i:04}.csv")));
+            if i < stall.len() {
+                c.args(["--stall-at", stall[i]]);
+            }
+            c.stdout(Stdio::null())
+                .stderr(std::fs::File::create(logs.join(format!("node-{i}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for i in 0..stall.len() {
+        wait_for_line(&logs.join(format!("node-{i}.log")), "stalling at");
+        clients[i].kill().unwrap(); // SIGKILL
+        clients[i].wait().unwrap();
+    }
+    let out = coordinator.wait_with_output().unwrap();
+    let log = std::fs::read_to_string(logs.join("coordinator.log")).unwrap();
+    assert!(out.status.success(), "coordinator failed: {log}");
+    for (i, c) in clients.iter_mut().enumerate().skip(stall.len()) {
+        assert!(c.wait().unwrap().success(), "node-{i} failed");
+    }
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = summary["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{summary}");
+    // Round 1: node-0 never sent keys, node-1 never sent its masked input; node-2 did, so
+    // it is a survivor even though it died before unmasking.
+    assert_eq!(history[0]["participants"], 8, "{summary}");
+    assert_eq!(history[1]["participants"], 7, "{summary}");
+    let survivors: Vec<String> =
+        serde_json::from_slice(&std::fs::read(held.join("round-1-survivors.json")).unwrap())
+            .unwrap();
+    let expected: Vec<String> = (2..10).map(|i| format!("node-{i}")).collect();
+    assert_eq!(survivors, expected);
+
+    for round in 1..=2 {
+        let survivors: Vec<String> = serde_json::from_slice(
+            &std::fs::read(held.join(format!("round-{round}-survivors.json"))).unwrap(),
+        )
+        .unwrap();
+        // The recovered sum is exactly the survivors' fixed-point inputs added up ...
+        let sum = read_u32s(&held.join(format!("round-{round}-sum.u32")));
+        let mut plain = vec![0u32; sum.len()];
+        for node in &survivors {
+            let x = read_u32s(&inputs.join(format!("round-{round}-{node}.u32")));
+            assert_eq!(x.len(), sum.len());
+            plain
+                .iter_mut()
+                .zip(&x)
+                .for_each(|(s, v)| *s = s.wrapping_add(*v));
+        }
+        assert_eq!(sum, plain, "round {round}: recovered sum != survivors' sum");
+        // ... and every vector the coordinator received is masked: essentially no
+        // coordinate equals the client's input, values cover the whole 32-bit range.
+        for node in &survivors {
+            let y = read_u32s(&held.join(format!("round-{round}-masked-{node}.u32")));
+            let x = read_u32s(&inputs.join(format!("round-{round}-{node}.u32")));
+            let same = x.iter().zip(&y).filter(|(a, b)| a == b).count();
+            assert!(
+                same <= 2,
+                "{node}: {same} of {} coordinates in the clear",
+                x.len()
+            );
+            let upper = y.iter().filter(|&&v| v >= 1 << 31).count() as f64 / y.len() as f64;
+            assert!((0.45..0.55).contains(&upper), "{node}: {upper}");
+        }
+    }
+    // node-1 trained in round 1 but its input is not in the sum.
+    assert!(inputs.join("round-1-node-1.u32").exists());
+    // The coordinator held nothing else: masked inputs, sums and survivor lists only.
+    for e in std::fs::read_dir(&held).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(
+            name.contains("-masked-")
+                || name.ends_with("-sum.u32")
+                || name.ends_with("-survivors.json"),
+            "{name}"
+        );
+    }
+    ok(fed(&store).args(["verify", "fed-secagg:latest"]));
 }
