@@ -60,15 +60,37 @@ pub struct ClientSummary {
     pub bytes_up: u64,
 }
 
-/// A channel to the coordinator at `url` (`http://host:port`).
-pub fn channel(url: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| FedError::Connect {
-            url: url.into(),
-            reason: e.to_string(),
-        })?
+/// A channel to the coordinator at `url`: `https://host:port` verified against `ca` (PEM:
+/// the coordinator's certificate or its CA), or `http://host:port` without TLS.
+pub fn channel(url: &str, ca: Option<&[u8]>) -> Result<Channel> {
+    let fail = |reason: String| FedError::Connect {
+        url: url.into(),
+        reason,
+    };
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| fail(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(30));
+    match (url.starts_with("https://"), ca) {
+        (true, Some(ca)) => {
+            endpoint = endpoint
+                .tls_config(crate::tls::client_config(ca)?)
+                .map_err(|e| fail(format!("TLS setup failed: {e}")))?;
+        }
+        (true, None) => {
+            return Err(fail(
+                "an https coordinator needs --ca FILE: its certificate (the coordinator prints where it is)"
+                    .into(),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(fail(
+                "--ca is given but the URL is not https://; use https:// to connect with TLS"
+                    .into(),
+            ));
+        }
+        (false, None) => {}
+    }
     Ok(endpoint.connect_lazy())
 }
 

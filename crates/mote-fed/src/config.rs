@@ -286,7 +286,7 @@ fn delta() -> f64 {
 }
 
 /// The coordinator's endpoint, tokens and state.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address (`127.0.0.1:0` picks a free port, printed at start).
@@ -298,6 +298,30 @@ pub struct ServerConfig {
     /// Where checkpoints and per-round metrics go (default: `fed/NAME` in the store).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Serve TLS (default). Turn off only behind a TLS-terminating proxy or on a trusted
+    /// network: updates and tokens would travel in the clear.
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// Certificate chain (PEM); without it the coordinator makes a self-signed certificate
+    /// in `<state_dir>/tls/` on first start and keeps it.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) for `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: None,
+            tokens: None,
+            state_dir: None,
+            tls: true,
+            cert: None,
+            key: None,
+        }
+    }
 }
 
 impl RunConfig {
@@ -319,9 +343,14 @@ impl RunConfig {
         if cfg.data.source != "digits" && Path::new(&cfg.data.source).is_relative() {
             cfg.data.source = base.join(&cfg.data.source).display().to_string();
         }
-        for p in [&mut cfg.server.tokens, &mut cfg.server.state_dir]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut cfg.server.tokens,
+            &mut cfg.server.state_dir,
+            &mut cfg.server.cert,
+            &mut cfg.server.key,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -374,6 +403,9 @@ impl RunConfig {
         let c = &self.compression;
         if !(0.0..=1.0).contains(&c.top_k) {
             return Err("compression.top_k must be a fraction in [0, 1]".into());
+        }
+        if self.server.cert.is_some() != self.server.key.is_some() {
+            return Err("server.cert and server.key go together: give both or neither".into());
         }
         if let Some(dp) = &self.dp
             && !(dp.clip_norm > 0.0

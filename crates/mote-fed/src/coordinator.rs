@@ -76,6 +76,8 @@ pub struct CoordinatorOptions {
     /// Write everything the coordinator holds under secure aggregation here — each masked
     /// input, the recovered fixed-point sum, the survivors (for tests and audits).
     pub debug_dir: Option<PathBuf>,
+    /// Serve TLS with this identity (`None`: plain HTTP/2).
+    pub tls: Option<crate::tls::ServerIdentity>,
 }
 
 /// One round's outcome, as printed and written to `metrics.jsonl`.
@@ -712,8 +714,14 @@ pub async fn run(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let svc = FederationServer::new(Service(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(id) = &opts.tls {
+        builder = builder.tls_config(id.server_config()).map_err(|e| {
+            FedError::Config(format!("the TLS certificate or key is unusable: {e}"))
+        })?;
+    }
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .max_concurrent_streams(Some(16_384))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {

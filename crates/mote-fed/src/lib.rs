@@ -22,6 +22,7 @@ pub mod partition;
 pub mod secagg;
 pub mod simulate;
 pub mod strategy;
+pub mod tls;
 
 pub use config::RunConfig;
 pub use error::{FedError, Result};

@@ -14,6 +14,7 @@ use crate::coordinator::{self, CoordinatorOptions, RunSummary};
 use crate::derive_seed;
 use crate::error::{FedError, Result};
 use crate::partition::partition;
+use crate::tls::ServerIdentity;
 
 /// Clients per HTTP/2 connection in a simulation.
 const CLIENTS_PER_CONNECTION: usize = 64;
@@ -176,6 +177,16 @@ pub async fn simulate(
         )));
     }
     let (listener, addr) = coordinator::bind("127.0.0.1:0").await?;
+    // The same protocol as real clients, TLS included (a throwaway certificate).
+    let tls = if cfg.server.tls {
+        Some(ServerIdentity::self_signed(&[
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ])?)
+    } else {
+        None
+    };
+    let ca = tls.as_ref().map(|t| t.cert_pem.clone());
     let coord = tokio::spawn(coordinator::run(
         CoordinatorOptions {
             config: cfg,
@@ -187,15 +198,16 @@ pub async fn simulate(
             progress,
             stop_after: None,
             debug_dir: None,
+            tls,
         },
         listener,
     ));
-    let url = format!("http://{addr}");
+    let url = format!("{}://{addr}", if ca.is_some() { "https" } else { "http" });
     let mut handles = Vec::with_capacity(clients.len());
     let mut channel = None;
     for (i, c) in clients.into_iter().enumerate() {
         if i % CLIENTS_PER_CONNECTION == 0 {
-            channel = Some(client::channel(&url)?);
+            channel = Some(client::channel(&url, ca.as_deref())?);
         }
         let opts = ClientOptions {
             node_id: c.node_id,

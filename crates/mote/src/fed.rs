@@ -60,6 +60,10 @@ enum FedCommand {
         /// Node token, if the coordinator requires one.
         #[arg(long, env = "MOTE_FED_TOKEN")]
         token: Option<String>,
+        /// The coordinator's certificate (PEM) to verify it by, for an https:// coordinator
+        /// (a self-signed coordinator prints where its cert.pem is).
+        #[arg(long, env = "MOTE_FED_CA", value_name = "PEM")]
+        ca: Option<PathBuf>,
         /// Fraction of the local examples held out for federated evaluation.
         #[arg(long, default_value_t = 0.2)]
         eval_fraction: f64,
@@ -143,6 +147,39 @@ fn read_tokens(path: &Path) -> Result<HashMap<String, Option<String>>> {
     Ok(out)
 }
 
+/// The coordinator's TLS identity: the configured certificate and key, or a self-signed
+/// one kept in `<state_dir>/tls/`. Returns it with the certificate's path.
+fn server_identity(
+    cfg: &RunConfig,
+    state_dir: &Path,
+    bound: std::net::SocketAddr,
+) -> Result<Option<(mote_fed::tls::ServerIdentity, PathBuf)>> {
+    use mote_fed::tls::{ServerIdentity, read_pem};
+    if !cfg.server.tls {
+        return Ok(None);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.server.cert, &cfg.server.key) {
+        let id = ServerIdentity {
+            cert_pem: read_pem(cert)?,
+            key_pem: read_pem(key)?,
+        };
+        return Ok(Some((id, cert.clone())));
+    }
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if !bound.ip().is_unspecified() && !names.contains(&bound.ip().to_string()) {
+        names.push(bound.ip().to_string());
+    }
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() && !names.iter().any(|n| n == h) {
+            names.push(h.to_string());
+        }
+    }
+    let (id, cert) = ServerIdentity::load_or_create(&state_dir.join("tls"), &names)
+        .context("preparing the coordinator's TLS certificate")?;
+    Ok(Some((id, cert)))
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -164,6 +201,7 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
         data,
         node_id,
         token,
+        ca,
         eval_fraction,
         scale,
         patience_s,
@@ -186,7 +224,8 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
     let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
     let rt = runtime()?;
     let summary = rt.block_on(async {
-        let ch = client::channel(&coordinator)?;
+        let ca = ca.as_deref().map(mote_fed::tls::read_pem).transpose()?;
+        let ch = client::channel(&coordinator, ca.as_deref())?;
         client::run(
             ch,
             ClientOptions {
@@ -206,6 +245,16 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
             },
         )
         .await
+    });
+    let summary = summary.map_err(|e| {
+        let plain = coordinator.starts_with("http://");
+        if plain && e.to_string().contains("h2 protocol error") {
+            anyhow::Error::from(e).context(
+                "the coordinator does not answer plain HTTP/2; it probably serves TLS: use https://HOST:PORT with --ca CERT",
+            )
+        } else {
+            e.into()
+        }
     })?;
     eprintln!(
         "fed: {node_id} done: {} rounds trained, {} update bytes sent",
@@ -242,10 +291,21 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             let rt = runtime()?;
             let summary = rt.block_on(async {
                 let (listener, bound) = coordinator::bind(&addr).await?;
-                eprintln!(
-                    "fed: coordinator of run {} listening on http://{bound}",
-                    cfg.name
-                );
+                let tls = server_identity(&cfg, &dir, bound)?;
+                match &tls {
+                    Some((id, cert)) => eprintln!(
+                        "fed: coordinator of run {} listening on https://{bound}\n     certificate {} ({})\n     clients: mote fed client --coordinator https://{bound} --ca {} ...",
+                        cfg.name,
+                        cert.display(),
+                        id.fingerprint(),
+                        cert.display()
+                    ),
+                    None => eprintln!(
+                        "fed: coordinator of run {} listening on http://{bound} WITHOUT TLS (server.tls = false): updates and tokens travel in the clear",
+                        cfg.name
+                    ),
+                }
+                let tls = tls.map(|t| t.0);
                 coordinator::run(
                     CoordinatorOptions {
                         config: cfg,
@@ -257,10 +317,12 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
                         progress: true,
                         stop_after,
                         debug_dir,
+                        tls,
                     },
                     listener,
                 )
                 .await
+                .map_err(anyhow::Error::from)
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -236,7 +236,23 @@ fn start_coordinator(store: &Path, cfg: &Path, port: u16) -> Child {
         .unwrap()
 }
 
+/// The self-signed certificate a coordinator makes in its state directory on first start.
+fn coordinator_cert(store: &Path, run: &str) -> PathBuf {
+    let cert = store.join("fed").join(run).join("tls/cert.pem");
+    let t = Instant::now();
+    while !cert.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no certificate at {}",
+            cert.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cert
+}
+
 fn start_clients(store: &Path, shards: &Path, n: usize, port: u16, delay_ms: u64) -> Vec<Child> {
+    let ca = coordinator_cert(store, "fed-resume");
     let logs = store.with_extension("logs");
     std::fs::create_dir_all(&logs).unwrap();
     (0..n)
@@ -248,8 +264,10 @@ fn start_clients(store: &Path, shards: &Path, n: usize, port: u16, delay_ms: u64
                     "fed",
                     "client",
                     "--coordinator",
-                    &format!("http://127.0.0.1:{port}"),
+                    &format!("https://127.0.0.1:{port}"),
                 ])
+                .arg("--ca")
+                .arg(&ca)
                 .args(["--node-id", &format!("node-{i}"), "--scale", "0.0625"])
                 .args(["--delay-ms", &delay_ms.to_string(), "--data"])
                 .arg(shards.join(format!("client-{i:04}.csv")))
@@ -433,6 +451,26 @@ fn secure_aggregation_recovers_the_survivors_sum_with_30_percent_killed() {
     // advertised keys), after sharing its key shares (before its masked input), and after
     // its masked input (before unmasking). The last two force recovery of a dropped
     // client's mask key and an unmask round with a missing answer.
+    let ca = coordinator_cert(&store, "fed-secagg");
+    // A client that does not verify the coordinator, or talks plain HTTP to it, gets nowhere.
+    let out = fails(
+        fed(&tmp.path().join("unused"))
+            .args(["fed", "client", "--patience-s", "1", "--coordinator"])
+            .arg(format!("https://127.0.0.1:{port}"))
+            .arg("--data")
+            .arg(shards.join("client-0000.csv")),
+        1,
+    );
+    assert!(stderr(&out).contains("--ca"), "{}", stderr(&out));
+    let out = fails(
+        fed(&tmp.path().join("unused"))
+            .args(["fed", "client", "--patience-s", "1", "--coordinator"])
+            .arg(format!("http://127.0.0.1:{port}"))
+            .arg("--data")
+            .arg(shards.join("client-0000.csv")),
+        1,
+    );
+    assert!(stderr(&out).contains("TLS"), "{}", stderr(&out));
     let stall = ["train", "masked-input", "unmask"];
     let mut clients: Vec<Child> = (0..10)
         .map(|i| {
@@ -441,8 +479,10 @@ fn secure_aggregation_recovers_the_survivors_sum_with_30_percent_killed() {
                 "fed",
                 "client",
                 "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
+                &format!("https://127.0.0.1:{port}"),
             ])
+            .arg("--ca")
+            .arg(&ca)
             .args(["--node-id", &format!("node-{i}"), "--scale", "0.0625"])
             .arg("--debug-dir")
             .arg(&inputs)
