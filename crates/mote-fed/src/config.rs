@@ -434,10 +434,10 @@ impl RunConfig {
                 );
             }
             let a = &self.secagg;
-            if !(a.threshold > 0.0 && a.threshold <= 1.0)
-                || !(a.clip.is_finite() && a.clip > 0.0 && a.clip <= 1024.0)
-                || !(a.step_deadline_s.is_finite() && a.step_deadline_s > 0.0)
-            {
+            let threshold_ok = a.threshold > 0.0 && a.threshold <= 1.0;
+            let clip_ok = a.clip.is_finite() && a.clip > 0.0 && a.clip <= 1024.0;
+            let deadline_ok = a.step_deadline_s.is_finite() && a.step_deadline_s > 0.0;
+            if !(threshold_ok && clip_ok && deadline_ok) {
                 return Err(
                     "secagg: threshold in (0, 1], clip in (0, 1024] and step_deadline_s > 0".into(),
                 );

@@ -518,6 +518,9 @@ pub fn route(
     inboxes
 }
 
+/// What a client sent as its masked input: `U2`, the share ciphertexts it received, `y`.
+type Masked = (Vec<Advert>, BTreeMap<String, Vec<u8>>, Vec<u32>);
+
 /// A client's side of one secure-aggregation round. It keeps its secrets, answers each step
 /// at most one way (a repeated identical request gets the same answer, a different one is
 /// refused), and checks what the coordinator claims before revealing anything.
@@ -528,7 +531,7 @@ pub struct ClientRound {
     advert: Advert,
     x: Vec<u32>,
     keys: Option<(ShareKeysTask, ShareKeysReply)>,
-    masked: Option<(Vec<Advert>, BTreeMap<String, Vec<u8>>, Vec<u32>)>,
+    masked: Option<Masked>,
     unmasked: Option<(BTreeSet<String>, UnmaskReply)>,
 }
 
