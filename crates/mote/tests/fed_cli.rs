@@ -497,10 +497,10 @@ fn secure_aggregation_recovers_the_survivors_sum_with_30_percent_killed() {
                 .unwrap()
         })
         .collect();
-    for i in 0..stall.len() {
+    for (i, victim) in clients.iter_mut().enumerate().take(stall.len()) {
         wait_for_line(&logs.join(format!("node-{i}.log")), "stalling at");
-        clients[i].kill().unwrap(); // SIGKILL
-        clients[i].wait().unwrap();
+        victim.kill().unwrap(); // SIGKILL
+        victim.wait().unwrap();
     }
     let out = coordinator.wait_with_output().unwrap();
     let log = std::fs::read_to_string(logs.join("coordinator.log")).unwrap();
