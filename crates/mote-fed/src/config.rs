@@ -54,9 +54,15 @@ pub struct RunConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `digits` (scikit-learn's handwritten digits, fetched by `scripts/fetch-models.sh`) or a
-    /// CSV path (relative to the config file).
+    /// A built-in set fetched by `scripts/fetch-models.sh` — `digits` (scikit-learn's
+    /// handwritten digits) or `reuters-r8` (Reuters R8 news topics, labelled texts) — or a
+    /// path (relative to the config file): CSV feature vectors, or fastText-format labelled
+    /// texts for a text model.
     pub source: String,
+    /// The central test set's file (default: the built-in set's own test split, else a
+    /// stratified `test_fraction` of `source`).
+    #[serde(default)]
+    pub test_source: Option<String>,
     /// Multiply every feature by this (digits: 1/16).
     #[serde(default = "one")]
     pub scale: f32,
@@ -85,6 +91,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             source: "digits".into(),
+            test_source: None,
             scale: 1.0 / 16.0,
             test_fraction: test_fraction(),
             local_eval_fraction: local_eval_fraction(),
@@ -340,8 +347,15 @@ impl RunConfig {
         let mut cfg =
             Self::parse(&text).map_err(|e| FedError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if cfg.data.source != "digits" && Path::new(&cfg.data.source).is_relative() {
+        if crate::simulate::builtin(&cfg.data.source).is_none()
+            && Path::new(&cfg.data.source).is_relative()
+        {
             cfg.data.source = base.join(&cfg.data.source).display().to_string();
+        }
+        if let Some(t) = &mut cfg.data.test_source
+            && Path::new(t.as_str()).is_relative()
+        {
+            *t = base.join(&*t).display().to_string();
         }
         for p in [
             &mut cfg.server.tokens,

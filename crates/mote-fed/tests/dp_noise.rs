@@ -72,8 +72,8 @@ delta = 1e-5
     let path = dir.join("run.toml");
     std::fs::write(&path, &text).unwrap();
     let cfg = RunConfig::load(&path).unwrap();
-    let data = simulate::load_data(&cfg, true).unwrap();
-    let (parts, test) = simulate::prepare(&cfg, &data, CLIENTS);
+    let (pool, test) = simulate::load_data(&cfg, true).unwrap();
+    let parts = simulate::prepare(&cfg, &pool, CLIENTS);
     let store = Store::open(dir.join("store")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sim = rt

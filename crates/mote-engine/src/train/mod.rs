@@ -1,5 +1,7 @@
 //! Small trainable models for federated learning: softmax regression and multi-layer
-//! perceptrons over feature vectors (frozen embeddings, pixels of small images, tabular data).
+//! perceptrons over feature vectors (frozen embeddings, pixels of small images, tabular data),
+//! and fastText-style text classifiers: a hashed bag of words and word n-grams, averaged
+//! through an embedding layer (linear, no activation), then the classifier layers.
 //!
 //! Everything is deterministic by construction: one sample at a time in a fixed order, sums
 //! in a fixed order, a seeded generator (SplitMix64, whose stream never changes) for
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::llm::sample::Rng;
 
-pub use data::Dataset;
+pub use data::{Dataset, Row};
 
 /// Largest parameter count a trainable model may have (a guard against absurd configs).
 pub const MAX_PARAMS: usize = 64 << 20;
@@ -36,15 +38,101 @@ pub struct ModelSpec {
     pub hidden: Vec<usize>,
     /// Output classes.
     pub classes: usize,
+    /// Text input (fastText-style): `inputs` is the number of hash buckets and the first
+    /// hidden layer is the (linear) embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextSpec>,
+}
+
+/// How texts become features: words (lower-cased runs of letters and digits) and word
+/// n-grams up to `ngrams`, each hashed (FNV-1a, 32-bit) into `buckets`, weighted by count
+/// over the total so a text's row averages its embeddings, as fastText does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    /// Hash buckets (must equal `model.inputs`).
+    pub buckets: usize,
+    /// Longest word n-gram (1 = words only).
+    #[serde(default = "two")]
+    pub ngrams: usize,
+    /// Class names in class order: `__label__NAME` in the data.
+    pub labels: Vec<String>,
+}
+
+fn two() -> usize {
+    2
+}
+
+/// The sparse row of `text`: sorted distinct bucket ids and their weights (summing to 1).
+pub fn featurise(spec: &TextSpec, text: &str) -> (Vec<u32>, Vec<f32>) {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let mut ids = Vec::new();
+    for n in 1..=spec.ngrams.max(1) {
+        for window in words.windows(n) {
+            // FNV-1a over the words joined by spaces.
+            let mut h: u32 = 0x811c_9dc5;
+            for (i, w) in window.iter().enumerate() {
+                let sep: &[u8] = if i == 0 { b"" } else { b" " };
+                for &b in sep.iter().chain(w.as_bytes()) {
+                    h ^= u32::from(b);
+                    h = h.wrapping_mul(0x0100_0193);
+                }
+            }
+            ids.push(h % spec.buckets.max(1) as u32);
+        }
+    }
+    if ids.is_empty() {
+        return (Vec::new(), Vec::new());
+    }
+    let total = ids.len() as f32;
+    ids.sort_unstable();
+    let (mut out_ids, mut vals) = (Vec::new(), Vec::<f32>::new());
+    for id in ids {
+        if out_ids.last() == Some(&id) {
+            *vals.last_mut().expect("paired") += 1.0;
+        } else {
+            out_ids.push(id);
+            vals.push(1.0);
+        }
+    }
+    vals.iter_mut().for_each(|v| *v /= total);
+    (out_ids, vals)
 }
 
 impl ModelSpec {
+    /// Whether layer `l`'s output goes through ReLU (hidden layers except a text embedding).
+    fn relu_after(&self, l: usize, layers: usize) -> bool {
+        l + 1 < layers && !(l == 0 && self.text.is_some())
+    }
+
     /// Check the dimensions are usable.
     pub fn validate(&self) -> Result<()> {
         if self.inputs == 0 || self.classes < 2 || self.hidden.contains(&0) {
             return Err(EngineError::Unsupported(format!(
                 "model shape {self:?} is unusable: inputs, hidden widths must be ≥ 1 and classes ≥ 2"
             )));
+        }
+        if let Some(t) = &self.text {
+            let mut names = t.labels.clone();
+            names.sort();
+            names.dedup();
+            if t.buckets != self.inputs
+                || t.labels.len() != self.classes
+                || names.len() != t.labels.len()
+                || !(1..=4).contains(&t.ngrams)
+                || t.labels
+                    .iter()
+                    .any(|l| l.is_empty() || l.contains(char::is_whitespace))
+            {
+                return Err(EngineError::Unsupported(format!(
+                    "text model: text.buckets must equal inputs ({}), text.labels must list {} distinct names without spaces, ngrams 1-4",
+                    self.inputs, self.classes
+                )));
+            }
         }
         let mut total = 0usize;
         for (i, o) in self.layers() {
@@ -77,6 +165,14 @@ impl ModelSpec {
 
     /// `softmax` or `mlp-64x32x10` style name.
     pub fn architecture(&self) -> String {
+        if let Some(t) = &self.text {
+            let dims: Vec<String> = std::iter::once(t.buckets)
+                .chain(self.hidden.iter().copied())
+                .chain(std::iter::once(self.classes))
+                .map(|d| d.to_string())
+                .collect();
+            return format!("fasttext-{}-ngram{}", dims.join("x"), t.ngrams);
+        }
         if self.hidden.is_empty() {
             "softmax-regression".into()
         } else {
@@ -96,7 +192,7 @@ impl ModelSpec {
         let layers = self.layers();
         let mut p = Vec::with_capacity(self.param_count());
         for (l, &(i, o)) in layers.iter().enumerate() {
-            let bound = if l + 1 < layers.len() {
+            let bound = if self.relu_after(l, layers.len()) {
                 (6.0 / i as f64).sqrt()
             } else {
                 (6.0 / (i + o) as f64).sqrt()
@@ -177,6 +273,12 @@ impl ModelSpec {
                 "the data has {} features per example, the model expects {}; use data made for this model",
                 data.dim, self.inputs
             )));
+        }
+        if data.sparse.is_some() != self.text.is_some() {
+            return Err(EngineError::Unsupported(
+                "text data needs a text model (model.text) and feature vectors a model without one"
+                    .into(),
+            ));
         }
         if let Some(&l) = data.labels.iter().find(|&&l| l as usize >= self.classes) {
             return Err(EngineError::Unsupported(format!(
@@ -302,8 +404,10 @@ impl Work {
 
 /// Forward pass of one example; leaves softmax probabilities in the last activation and
 /// returns the cross-entropy for `label`.
-fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], label: u32, w: &mut Work) -> f64 {
-    w.acts[0].copy_from_slice(x);
+fn forward(spec: &ModelSpec, params: &[f32], x: Row<'_>, label: u32, w: &mut Work) -> f64 {
+    if let Row::Dense(x) = x {
+        w.acts[0].copy_from_slice(x);
+    }
     let layers = spec.layers();
     let mut at = 0;
     for (l, &(i, o)) in layers.iter().enumerate() {
@@ -313,13 +417,23 @@ fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], label: u32, w: &mut Work
         let weight = &params[at..at + i * o];
         let bias = &params[at + i * o..at + i * o + o];
         at += i * o + o;
+        let relu = spec.relu_after(l, layers.len());
         for (r, y) in out.iter_mut().enumerate() {
             let row = &weight[r * i..(r + 1) * i];
             let mut s = bias[r];
-            for (a, b) in row.iter().zip(input) {
-                s += a * b;
+            match x {
+                Row::Sparse(ids, vals) if l == 0 => {
+                    for (&id, v) in ids.iter().zip(vals) {
+                        s += row[id as usize] * v;
+                    }
+                }
+                _ => {
+                    for (a, b) in row.iter().zip(input) {
+                        s += a * b;
+                    }
+                }
             }
-            *y = if l + 1 < layers.len() { s.max(0.0) } else { s };
+            *y = if relu { s.max(0.0) } else { s };
         }
     }
     let logits = w.acts.last_mut().expect("at least one layer");
@@ -336,7 +450,14 @@ fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], label: u32, w: &mut Work
 }
 
 /// Backward pass of the example last run through [`forward`], adding its gradient to `grad`.
-fn backward(spec: &ModelSpec, params: &[f32], label: u32, w: &mut Work, grad: &mut [f32]) {
+fn backward(
+    spec: &ModelSpec,
+    params: &[f32],
+    x: Row<'_>,
+    label: u32,
+    w: &mut Work,
+    grad: &mut [f32],
+) {
     let layers = spec.layers();
     w.delta.clear();
     w.delta.extend_from_slice(w.acts.last().expect("layers"));
@@ -356,8 +477,18 @@ fn backward(spec: &ModelSpec, params: &[f32], label: u32, w: &mut Work, grad: &m
             let d = w.delta[r];
             gb[r] += d;
             if d != 0.0 {
-                for (g, x) in gw[r * i..(r + 1) * i].iter_mut().zip(input) {
-                    *g += d * x;
+                let g = &mut gw[r * i..(r + 1) * i];
+                match x {
+                    Row::Sparse(ids, vals) if l == 0 => {
+                        for (&id, v) in ids.iter().zip(vals) {
+                            g[id as usize] += d * v;
+                        }
+                    }
+                    _ => {
+                        for (g, x) in g.iter_mut().zip(input) {
+                            *g += d * x;
+                        }
+                    }
                 }
             }
         }
@@ -376,9 +507,11 @@ fn backward(spec: &ModelSpec, params: &[f32], label: u32, w: &mut Work, grad: &m
                 }
             }
         }
-        for (n, a) in w.next.iter_mut().zip(input) {
-            if *a <= 0.0 {
-                *n = 0.0;
+        if spec.relu_after(l - 1, layers.len()) {
+            for (n, a) in w.next.iter_mut().zip(input) {
+                if *a <= 0.0 {
+                    *n = 0.0;
+                }
             }
         }
         std::mem::swap(&mut w.delta, &mut w.next);
@@ -436,7 +569,7 @@ pub fn train(
             for &k in batch {
                 let (x, y) = data.example(k);
                 epoch_loss += forward(spec, params, x, y, &mut work);
-                backward(spec, params, y, &mut work, &mut grad);
+                backward(spec, params, x, y, &mut work, &mut grad);
             }
             let scale = 1.0 / batch.len() as f32;
             for (j, g) in grad.iter_mut().enumerate() {
@@ -511,7 +644,103 @@ mod tests {
             inputs: 5,
             hidden,
             classes: 3,
+            text: None,
         }
+    }
+
+    fn text_spec(hidden: Vec<usize>) -> ModelSpec {
+        ModelSpec {
+            inputs: 64,
+            hidden,
+            classes: 3,
+            text: Some(TextSpec {
+                buckets: 64,
+                ngrams: 2,
+                labels: vec!["sport".into(), "money".into(), "food".into()],
+            }),
+        }
+    }
+
+    /// Short texts whose words say the class, with shared filler words.
+    fn toy_texts(n: usize, seed: u64, spec: &ModelSpec) -> Dataset {
+        let words = [
+            ["goal", "match", "team", "score"],
+            ["bank", "rate", "stock", "price"],
+            ["bread", "soup", "cook", "taste"],
+        ];
+        let filler = ["the", "a", "of", "today", "big", "new"];
+        let mut rng = Rng::new(seed);
+        let items = (0..n)
+            .map(|_| {
+                let c = (rng.next_u64() % 3) as usize;
+                let len = 3 + (rng.next_u64() % 6) as usize;
+                let text: Vec<&str> = (0..len)
+                    .map(|_| {
+                        if rng.next_u64().is_multiple_of(2) {
+                            words[c][(rng.next_u64() % 4) as usize]
+                        } else {
+                            filler[(rng.next_u64() % 6) as usize]
+                        }
+                    })
+                    .collect();
+                let label = spec.text.as_ref().unwrap().labels[c].clone();
+                (label, text.join(" "))
+            })
+            .collect();
+        Dataset::from_texts(items, spec).unwrap()
+    }
+
+    #[test]
+    fn texts_featurise_to_averaged_hashed_ngrams() {
+        let s = text_spec(vec![8]);
+        let t = s.text.as_ref().unwrap();
+        let (ids, vals) = featurise(t, "The bank, the BANK rate");
+        // 5 words + 4 bigrams = 9 features; "the" and "bank" appear twice, "the bank" twice.
+        assert!((vals.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert!(vals.iter().all(|v| (v * 9.0).round() >= 1.0));
+        assert_eq!(featurise(t, "the bank the bank rate"), (ids, vals));
+        assert_eq!(featurise(t, " ,;"), (vec![], vec![]));
+        let e = Dataset::from_texts(vec![("nope".into(), "x".into())], &s).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        let d = toy_texts(10, 3, &s);
+        let names = &t.labels;
+        let again = Dataset::from_texts(
+            data::parse_labelled_texts(&d.to_labelled_texts(names).unwrap()).unwrap(),
+            &s,
+        )
+        .unwrap();
+        assert_eq!(again, d);
+        // A dense model refuses text data and the other way round.
+        assert!(evaluate(&spec(vec![]), &spec(vec![]).init(1), &d).is_err());
+        let bad = ModelSpec {
+            classes: 2,
+            ..s.clone()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_text_classifier_learns() {
+        let s = text_spec(vec![8]);
+        let (tr, te) = (toy_texts(300, 1, &s), toy_texts(100, 2, &s));
+        let cfg = TrainConfig {
+            epochs: 10,
+            batch_size: 8,
+            lr: 0.1,
+            weight_decay: 0.0,
+            optimizer: Optimizer::Sgd { momentum: 0.9 },
+            prox_mu: 0.0,
+        };
+        let mut p = s.init(4);
+        train(&s, &mut p, &tr, &cfg, None, 5).unwrap();
+        let e = evaluate(&s, &p, &te).unwrap();
+        assert!(e.accuracy > 0.9, "{e:?}");
+        assert!(
+            s.architecture().starts_with("fasttext-64x8x3"),
+            "{}",
+            s.architecture()
+        );
     }
 
     fn toy(n: usize, seed: u64) -> Dataset {
@@ -533,22 +762,22 @@ mod tests {
         Dataset::new(features, labels, 5).unwrap()
     }
 
-    fn loss(spec: &ModelSpec, p: &[f32], x: &[f32], y: u32) -> f64 {
+    fn loss(spec: &ModelSpec, p: &[f32], x: Row<'_>, y: u32) -> f64 {
         forward(spec, p, x, y, &mut Work::new(spec))
     }
 
     proptest! {
         /// The analytic gradient matches central finite differences (in f64-accurate loss).
         #[test]
-        fn gradient_matches_finite_differences(seed in 0u64..500, hidden in prop::sample::select(vec![vec![], vec![4], vec![4, 3]])) {
-            let s = spec(hidden);
+        fn gradient_matches_finite_differences(seed in 0u64..500, hidden in prop::sample::select(vec![vec![], vec![4], vec![4, 3]]), text in any::<bool>()) {
+            let s = if text { text_spec(hidden) } else { spec(hidden) };
             let p = s.init(seed);
-            let data = toy(1, seed + 1);
+            let data = if text { toy_texts(1, seed + 1, &s) } else { toy(1, seed + 1) };
             let (x, y) = data.example(0);
             let mut grad = vec![0.0; p.len()];
             let mut w = Work::new(&s);
             forward(&s, &p, x, y, &mut w);
-            backward(&s, &p, y, &mut w, &mut grad);
+            backward(&s, &p, x, y, &mut w, &mut grad);
             for j in (0..p.len()).step_by(3) {
                 let h = 1e-3f32;
                 let mut a = p.clone();
@@ -649,7 +878,8 @@ mod tests {
             ModelSpec {
                 inputs: 1 << 20,
                 hidden: vec![1 << 20],
-                classes: 2
+                classes: 2,
+                text: None,
             }
             .validate()
             .is_err()
