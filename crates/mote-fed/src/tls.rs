@@ -127,7 +127,10 @@ fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
         .skip(1)
         .take_while(|l| !l.starts_with("-----END"))
         .collect();
-    base64::engine::general_purpose::STANDARD.decode(body).ok()
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()
+        .filter(|der| !der.is_empty())
 }
 
 /// A client configuration trusting `ca_pem` (the coordinator's certificate or its CA).
