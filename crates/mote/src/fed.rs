@@ -101,6 +101,29 @@ enum FedCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Embed labelled texts with a text-embedding model from the store (e.g. an imported
+    /// all-MiniLM-L6-v2): frozen features for a feature-vector model. Writes CSV — the
+    /// embedding, then the label's index in --labels — for `fed client --data`.
+    Embed {
+        /// The embedding model (NAME[:TAG] or digest).
+        #[arg(long)]
+        model: String,
+        /// Labelled texts, fastText format (`__label__NAME text` per line).
+        #[arg(long)]
+        data: PathBuf,
+        /// Class names in class order, comma-separated (every client must use one order).
+        #[arg(long, value_delimiter = ',', required = true)]
+        labels: Vec<String>,
+        /// Output CSV.
+        #[arg(long)]
+        out: PathBuf,
+        /// Texts per engine call.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Engine threads.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Write the configured data set split for N clients: client-NNNN.csv files (IID or
     /// Dirichlet, as configured) and test.csv, for real `mote fed client` processes.
     Split {
@@ -147,6 +170,66 @@ fn read_tokens(path: &Path) -> Result<HashMap<String, Option<String>>> {
         bail!("the token file {} holds no tokens", path.display());
     }
     Ok(out)
+}
+
+/// `mote fed embed`.
+fn embed(
+    store: &Store,
+    model: &str,
+    data: &Path,
+    labels: &[String],
+    out: &Path,
+    batch: usize,
+    threads: Option<usize>,
+) -> Result<ExitCode> {
+    use mote_engine::{Input, Output, Pipeline};
+    let started = std::time::Instant::now();
+    let text =
+        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
+    let items = mote_engine::train::data::parse_labelled_texts(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+    let mut index = Vec::with_capacity(items.len());
+    for (label, _) in &items {
+        let Some(i) = labels.iter().position(|l| l == label) else {
+            bail!(
+                "{}: the label {label:?} is not in --labels ({}); list every class",
+                data.display(),
+                labels.join(",")
+            );
+        };
+        index.push(i);
+    }
+    let m = crate::cli::open_model(store, model, threads)?;
+    let pipeline = m.pipeline(None)?;
+    if !matches!(pipeline, Pipeline::TextEmbedding(_)) {
+        bail!("{model} is a {} model, not a text embedder", m.task());
+    }
+    let mut csv = String::new();
+    let mut dim = 0;
+    for (chunk, idx) in items.chunks(batch.max(1)).zip(index.chunks(batch.max(1))) {
+        let texts = chunk.iter().map(|(_, t)| t.clone()).collect();
+        let (output, _) = pipeline.run(Input::Texts(texts))?;
+        let Output::Embeddings(es) = output else {
+            bail!("{model} returned no embeddings");
+        };
+        for (e, label) in es.iter().zip(idx) {
+            dim = e.vector.len();
+            for v in &e.vector {
+                csv.push_str(&v.to_string());
+                csv.push(',');
+            }
+            csv.push_str(&label.to_string());
+            csv.push('\n');
+        }
+    }
+    coordinator::write_atomic(out, csv.as_bytes())?;
+    eprintln!(
+        "fed: {} texts embedded by {model} ({dim} dimensions) in {:.1} s -> {}",
+        items.len(),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The coordinator's TLS identity: the configured certificate and key, or a self-signed
@@ -439,6 +522,14 @@ pub fn run(store: &Store, a: FedArgs) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        FedCommand::Embed {
+            model,
+            data,
+            labels,
+            out,
+            batch,
+            threads,
+        } => embed(store, &model, &data, &labels, &out, batch, threads),
         FedCommand::Split {
             config,
             clients,

@@ -670,3 +670,79 @@ fn federated_text_classification_on_reuters_r8() {
     let acc = history[1]["test_accuracy"].as_f64().unwrap();
     assert!(acc > 0.5, "{summary}");
 }
+
+#[test]
+fn an_mlp_learns_federated_on_frozen_minilm_embeddings() {
+    // Every 16th Reuters R8 story, embedded by the engine (MiniLM from the store), then a
+    // federated MLP over the 384-dimensional vectors.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let models = mote_testkit::models_dir();
+    common::import(&store, &mote_testkit::minilm_dir(), "minilm", &[]);
+    let labels = "acq,crude,earn,grain,interest,money-fx,ship,trade";
+    for split in ["train", "test"] {
+        let all = std::fs::read_to_string(
+            models.join(format!("orange-text-data/reuters-r8-{split}.txt")),
+        )
+        .unwrap();
+        let some: String = all.lines().step_by(16).map(|l| format!("{l}\n")).collect();
+        std::fs::write(tmp.path().join(format!("{split}.txt")), some).unwrap();
+        ok(fed(&store)
+            .args(["fed", "embed", "--model", "minilm", "--labels", labels])
+            .arg("--data")
+            .arg(tmp.path().join(format!("{split}.txt")))
+            .arg("--out")
+            .arg(tmp.path().join(format!("{split}.csv"))));
+    }
+    // A label outside --labels is named.
+    let out = fails(
+        fed(&store)
+            .args(["fed", "embed", "--model", "minilm", "--labels", "acq,earn"])
+            .arg("--data")
+            .arg(tmp.path().join("test.txt"))
+            .arg("--out")
+            .arg(tmp.path().join("x.csv")),
+        1,
+    );
+    assert!(stderr(&out).contains("--labels"), "{}", stderr(&out));
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+name = "fed-minilm"
+seed = 3
+rounds = 20
+[data]
+source = "train.csv"
+test_source = "test.csv"
+partition = { kind = "dirichlet", alpha = 0.5 }
+[model]
+inputs = 384
+hidden = [64]
+classes = 8
+[train]
+epochs = 5
+batch_size = 8
+lr = 0.003
+optimizer = { kind = "adam" }
+[sampling]
+fraction = 0.5
+min_fit = 5
+min_available = 20
+min_updates = 5
+[strategy]
+kind = "fed-adam"
+lr = 0.1
+"#,
+    )
+    .unwrap();
+    let r = simulate(&store, &cfg, 20, true);
+    let fed_acc = r["test_accuracy"].as_f64().unwrap();
+    let central = r["central_test_accuracy"].as_f64().unwrap();
+    eprintln!("minilm features: federated {fed_acc:.4} central {central:.4}");
+    assert!(central > 0.8, "{r}");
+    assert!(
+        fed_acc >= central - 0.05,
+        "federated {fed_acc} vs central {central}"
+    );
+}
