@@ -99,7 +99,45 @@ impl ClientSecrets {
 
 // ---- GF(2^8) Shamir ---------------------------------------------------------------------
 
-fn gf_mul(mut a: u8, mut b: u8) -> u8 {
+/// Exponentials and logarithms of GF(2⁸) (polynomial x⁸ + x⁴ + x³ + x + 1, generator 3),
+/// built at compile time: a multiplication is two lookups and an add.
+const GF_TABLES: ([u8; 512], [u8; 256]) = {
+    let mut exp = [0u8; 512];
+    let mut log = [0u8; 256];
+    let mut x: u16 = 1;
+    let mut i = 0;
+    while i < 255 {
+        exp[i] = x as u8;
+        exp[i + 255] = x as u8;
+        log[x as usize] = i as u8;
+        // x *= 3: x ^ (x << 1), reduced.
+        let mut y = x ^ (x << 1);
+        if y & 0x100 != 0 {
+            y ^= 0x11b;
+        }
+        x = y;
+        i += 1;
+    }
+    (exp, log)
+};
+
+fn gf_mul(a: u8, b: u8) -> u8 {
+    if a == 0 || b == 0 {
+        return 0;
+    }
+    let (exp, log) = &GF_TABLES;
+    exp[log[a as usize] as usize + log[b as usize] as usize]
+}
+
+fn gf_inv(a: u8) -> u8 {
+    // a⁻¹ = 3^(255 − log a); 0 has no inverse (callers never pass it).
+    let (exp, log) = &GF_TABLES;
+    exp[(255 - log[a as usize] as usize) % 255]
+}
+
+/// The schoolbook product, the reference the tables are checked against.
+#[cfg(test)]
+fn gf_mul_slow(mut a: u8, mut b: u8) -> u8 {
     let mut p = 0u8;
     while b != 0 {
         if b & 1 != 0 {
@@ -113,21 +151,6 @@ fn gf_mul(mut a: u8, mut b: u8) -> u8 {
         b >>= 1;
     }
     p
-}
-
-fn gf_inv(a: u8) -> u8 {
-    // a^254 = a^-1 in GF(2^8).
-    let mut r = 1u8;
-    let mut base = a;
-    let mut e = 254u8;
-    while e != 0 {
-        if e & 1 != 0 {
-            r = gf_mul(r, base);
-        }
-        base = gf_mul(base, base);
-        e >>= 1;
-    }
-    r
 }
 
 /// A share: its x-coordinate and one y byte per secret byte.
@@ -692,7 +715,11 @@ mod tests {
         assert_ne!(shamir_combine(&shares[..2], 2).unwrap(), secret);
         for a in 1..=255u8 {
             assert_eq!(gf_mul(a, gf_inv(a)), 1);
+            for b in 0..=255u8 {
+                assert_eq!(gf_mul(a, b), gf_mul_slow(a, b), "{a} * {b}");
+            }
         }
+        assert_eq!(gf_mul(0, 7), 0);
     }
 
     struct Party {
