@@ -25,7 +25,7 @@ export MOTE_TEST_PYTHON="$PWD/target/pyenv/bin/python"
 # Unit, property and end-to-end tests (the crates have no doc tests: examples live in
 # tests/, so no separate rustdoc build of every crate).
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --locked --no-fail-fast "$@"
 else
-  cargo test --workspace --lib --bins --tests --no-fail-fast "$@"
+  cargo test --workspace --locked --all-targets --no-fail-fast "$@"
 fi

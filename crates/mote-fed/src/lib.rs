@@ -17,6 +17,8 @@ pub mod compress;
 pub mod config;
 pub mod coordinator;
 pub mod dp;
+#[cfg(test)]
+mod dp_noise_tests;
 mod error;
 pub mod partition;
 pub mod secagg;

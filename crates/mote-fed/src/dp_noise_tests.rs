@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use mote_fed::{RunConfig, coordinator, simulate};
+use crate::{RunConfig, coordinator, simulate};
 use mote_store::{Digest, Store};
 
 const CLIENTS: usize = 10;
@@ -119,10 +119,7 @@ fn dp_noise_has_the_configured_scale_with_and_without_secure_aggregation() {
     assert!(mean.abs() < 0.1, "noise mean {mean}");
     assert!((sd - 1.0).abs() < 0.07, "noise sd {sd} × configured");
     assert!(eps0.is_infinite(), "no noise, no privacy: ε = {eps0}");
-    assert!(
-        (eps - mote_fed::dp::epsilon(z, 1, 1e-5)).abs() < 1e-9,
-        "{eps}"
-    );
+    assert!((eps - crate::dp::epsilon(z, 1, 1e-5)).abs() < 1e-9, "{eps}");
 
     // Under secure aggregation the noise goes on the recovered sum: same scale, and the
     // noiseless model equals the plain one up to fixed-point rounding (2⁻¹⁶ per client).
