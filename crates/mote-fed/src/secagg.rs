@@ -21,7 +21,8 @@
 //! Pairwise mask seeds are `SHA-256("mote-secagg/mask" ‖ round ‖ DH(s_u, s_v))` expanded
 //! with ChaCha20. Shamir over GF(2⁸) limits a round to 255 participants.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
 
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -54,6 +55,9 @@ pub struct ClientSecrets {
     c_sk: StaticSecret,
     s_sk: [u8; 32],
     b: [u8; 32],
+    /// Share ciphers by peer key: the agreement is made once per peer and round, when the
+    /// shares are encrypted, and reused to decrypt the peer's shares at unmasking.
+    ciphers: Mutex<HashMap<[u8; 32], ChaCha20Poly1305>>,
 }
 
 /// What a client advertises.
@@ -93,7 +97,25 @@ impl ClientSecrets {
             c_pk: PublicKey::from(&c_sk).to_bytes(),
             s_pk: PublicKey::from(&StaticSecret::from(s_sk)).to_bytes(),
         };
-        Ok((ClientSecrets { c_sk, s_sk, b }, advert))
+        let ciphers = Mutex::default();
+        Ok((
+            ClientSecrets {
+                c_sk,
+                s_sk,
+                b,
+                ciphers,
+            },
+            advert,
+        ))
+    }
+
+    /// The share cipher with the peer whose encryption key is `peer_c_pk`.
+    fn cipher(&self, peer_c_pk: &[u8; 32]) -> ChaCha20Poly1305 {
+        let mut ciphers = self.ciphers.lock().unwrap_or_else(|e| e.into_inner());
+        ciphers
+            .entry(*peer_c_pk)
+            .or_insert_with(|| cipher(&self.c_sk, peer_c_pk))
+            .clone()
     }
 }
 
@@ -314,7 +336,7 @@ pub fn share_keys(
             b,
         })
         .expect("json");
-        let ct = cipher(&secrets.c_sk, &a.c_pk)
+        let ct = secrets.cipher(&a.c_pk)
             .encrypt(
                 Nonce::from_slice(&nonce(round, me, &a.node)),
                 plain.as_ref(),
@@ -394,7 +416,7 @@ pub fn unmask(
         let ct = received
             .get(&a.node)
             .ok_or_else(|| err(format!("no shares were relayed from {}", a.node)))?;
-        let plain = cipher(&secrets.c_sk, &a.c_pk)
+        let plain = secrets.cipher(&a.c_pk)
             .decrypt(Nonce::from_slice(&nonce(round, &a.node, me)), ct.as_ref())
             .map_err(|_| err(format!("the shares from {} do not decrypt", a.node)))?;
         let pair: SharePair = serde_json::from_slice(&plain)

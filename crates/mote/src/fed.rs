@@ -184,10 +184,12 @@ fn embed(
 ) -> Result<ExitCode> {
     use mote_engine::{Input, Output, Pipeline};
     let started = std::time::Instant::now();
-    let text =
-        std::fs::read_to_string(data).with_context(|| format!("reading {}", data.display()))?;
-    let items = mote_engine::train::data::parse_labelled_texts(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+    let items = mote_engine::train::data::read_labelled_texts(data)?.with_context(|| {
+        format!(
+            "{} is not labelled text: every line must read `__label__NAME the text` (fastText's format)",
+            data.display()
+        )
+    })?;
     let mut index = Vec::with_capacity(items.len());
     for (label, _) in &items {
         let Some(i) = labels.iter().position(|l| l == label) else {
@@ -305,11 +307,7 @@ pub fn run_client(a: FedArgs) -> Result<ExitCode> {
         }
     };
     // Labelled texts are featurised when the run's model is known; feature vectors now.
-    let local = if mote_engine::train::data::is_labelled_text(&data)? {
-        let text = std::fs::read_to_string(&data)
-            .with_context(|| format!("reading {}", data.display()))?;
-        let items = mote_engine::train::data::parse_labelled_texts(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+    let local = if let Some(items) = mote_engine::train::data::read_labelled_texts(&data)? {
         LocalData::Texts {
             items,
             eval_fraction,

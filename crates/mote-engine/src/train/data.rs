@@ -222,14 +222,21 @@ pub fn parse_labelled_texts(text: &str) -> std::result::Result<Vec<(String, Stri
     Ok(out)
 }
 
-/// Whether a file looks like fastText labelled text (its first non-blank line starts with
-/// `__label__`).
-pub fn is_labelled_text(path: &Path) -> Result<bool> {
+/// The labelled texts of a file in fastText's format (its first non-blank line starts with
+/// `__label__`; gzip is undone, the size limit applies), or `None` when the file is not one
+/// (feature vectors): the file is read once either way.
+pub fn read_labelled_texts(path: &Path) -> Result<Option<Vec<(String, String)>>> {
     let text = read_text(path)?;
-    Ok(text
+    let labelled = text
         .lines()
         .find(|l| !l.trim().is_empty())
-        .is_some_and(|l| l.trim_start().starts_with("__label__")))
+        .is_some_and(|l| l.trim_start().starts_with("__label__"));
+    if !labelled {
+        return Ok(None);
+    }
+    parse_labelled_texts(&text)
+        .map(Some)
+        .map_err(|e| data_err(format!("{}: {e}", path.display())))
 }
 
 /// A whole text file, gzip-decompressed if it starts with the gzip magic, size-limited.
