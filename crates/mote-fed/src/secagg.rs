@@ -336,7 +336,8 @@ pub fn share_keys(
             b,
         })
         .expect("json");
-        let ct = secrets.cipher(&a.c_pk)
+        let ct = secrets
+            .cipher(&a.c_pk)
             .encrypt(
                 Nonce::from_slice(&nonce(round, me, &a.node)),
                 plain.as_ref(),
@@ -416,7 +417,8 @@ pub fn unmask(
         let ct = received
             .get(&a.node)
             .ok_or_else(|| err(format!("no shares were relayed from {}", a.node)))?;
-        let plain = secrets.cipher(&a.c_pk)
+        let plain = secrets
+            .cipher(&a.c_pk)
             .decrypt(Nonce::from_slice(&nonce(round, &a.node, me)), ct.as_ref())
             .map_err(|_| err(format!("the shares from {} do not decrypt", a.node)))?;
         let pair: SharePair = serde_json::from_slice(&plain)

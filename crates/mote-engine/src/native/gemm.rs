@@ -86,12 +86,18 @@ impl Packed {
             let mut sums = vec![[0f32; NR]; nr];
             for p in group {
                 let w = &self.data[p * k * NR..][..k * NR];
+                // The next panel, which the first tile of each slice pulls towards L2 while it
+                // computes: with few rows (one sequence) each panel is used by a handful of
+                // tiles only, and its first tile would otherwise wait on memory.
+                let next = self.data.get((p + 1) * k * NR..(p + 2) * k * NR);
                 for k0 in (0..k).step_by(KC) {
                     let kc = KC.min(k - k0);
                     let mut r = 0;
                     while r < nr {
                         let m = MR.min(nr - r);
-                        tile_kernel(xs, r, k, k0, kc, &w[k0 * NR..], m, &mut sums[r..r + m]);
+                        let ahead = next.filter(|_| r == 0).map(|n| &n[k0 * NR..]);
+                        let sums = &mut sums[r..r + m];
+                        tile_kernel(xs, r, k, k0, kc, &w[k0 * NR..], ahead, m, sums);
                         r += m;
                     }
                 }
@@ -148,6 +154,7 @@ impl OutPtr {
 
 /// One tile: rows `r..r + m` (m ≤ 6) of `x` (rows of `k`), steps `k0..k0 + kc`, against the
 /// panel slice `w` (`kc × 16`), continuing the chains in `sums` (zero when `k0 == 0`).
+/// `ahead`, when given, is the same slice of another panel to prefetch (no effect on results).
 #[allow(clippy::too_many_arguments)]
 fn tile_kernel(
     x: &[f32],
@@ -156,6 +163,7 @@ fn tile_kernel(
     k0: usize,
     kc: usize,
     w: &[f32],
+    ahead: Option<&[f32]>,
     m: usize,
     sums: &mut [[f32; NR]],
 ) {
@@ -165,16 +173,19 @@ fn tile_kernel(
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx2 {
         let xs = &x[r * k + k0..];
+        let ahead = ahead.filter(|a| a.len() >= kc * NR);
         // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; the bounds the
-        // kernel reads are asserted above (m rows of stride k from xs, kc × 16 of w).
+        // kernel reads are asserted above (m rows of stride k from xs, kc × 16 of w, and of
+        // `ahead` when given).
         unsafe {
-            match m {
-                6 => avx2::tile::<6>(xs, k, kc, w, fresh, sums),
-                5 => avx2::tile::<5>(xs, k, kc, w, fresh, sums),
-                4 => avx2::tile::<4>(xs, k, kc, w, fresh, sums),
-                3 => avx2::tile::<3>(xs, k, kc, w, fresh, sums),
-                2 => avx2::tile::<2>(xs, k, kc, w, fresh, sums),
-                _ => avx2::tile::<1>(xs, k, kc, w, fresh, sums),
+            match (m, ahead) {
+                (6, Some(a)) => avx2::tile::<6, true>(xs, k, kc, w, a, fresh, sums),
+                (6, None) => avx2::tile::<6, false>(xs, k, kc, w, w, fresh, sums),
+                (5, _) => avx2::tile::<5, false>(xs, k, kc, w, w, fresh, sums),
+                (4, _) => avx2::tile::<4, false>(xs, k, kc, w, w, fresh, sums),
+                (3, _) => avx2::tile::<3, false>(xs, k, kc, w, w, fresh, sums),
+                (2, _) => avx2::tile::<2, false>(xs, k, kc, w, w, fresh, sums),
+                _ => avx2::tile::<1, false>(xs, k, kc, w, w, fresh, sums),
             }
         }
         return;
@@ -202,21 +213,25 @@ mod avx2 {
     use super::{MR, NR};
 
     /// `R` rows × 16 columns, accumulators in registers, continuing from `sums` unless
-    /// `fresh`.
+    /// `fresh`. With `PREFETCH`, each step also asks for the matching line of `ahead`
+    /// (towards L2), which the results never depend on.
     ///
     /// # Safety
     /// AVX2 and FMA must be available; `x.len() >= (R - 1) * k + kc`, `w.len() >= kc * 16`,
-    /// `sums.len() == R`.
+    /// `ahead.len() >= kc * 16` with `PREFETCH`, `sums.len() == R`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const R: usize>(
+    pub unsafe fn tile<const R: usize, const PREFETCH: bool>(
         x: &[f32],
         k: usize,
         kc: usize,
         w: &[f32],
+        ahead: &[f32],
         fresh: bool,
         sums: &mut [[f32; NR]],
     ) {
         assert!(R <= MR && sums.len() == R && x.len() >= (R - 1) * k + kc && w.len() >= kc * NR);
+        assert!(!PREFETCH || ahead.len() >= kc * NR);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         if !fresh {
             for (a, s) in acc.iter_mut().zip(sums.iter()) {
@@ -227,8 +242,12 @@ mod avx2 {
                 }
             }
         }
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let (xp, wp, ap) = (x.as_ptr(), w.as_ptr(), ahead.as_ptr());
         for kk in 0..kc {
+            if PREFETCH {
+                // One 64-byte line of the other panel per step: its whole slice by the end.
+                _mm_prefetch::<_MM_HINT_T1>(ap.wrapping_add(kk * NR) as *const i8);
+            }
             // SAFETY: kk * 16 + 16 <= kc * 16 <= w.len(); r * k + kk < (R-1) * k + kc <= x.len().
             unsafe {
                 let w0 = _mm256_loadu_ps(wp.add(kk * NR));
