@@ -1271,7 +1271,7 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
 pub fn progress_line(m: &RoundMetrics, rounds: u64) -> String {
     let pct = |x: Option<f64>| x.map_or("-".to_string(), |a| format!("{:.1}%", 100.0 * a));
     format!(
-        "round {}/{rounds}: {}/{} updates{}  test acc {}  fed-eval acc {}  up {} B ({:.1}× smaller)  down {} B{}  {} ({:.2} s)",
+        "round {}/{rounds}: {}/{} updates{}  test acc {}  fed-eval acc {}  up {} B ({})  down {} B{}  {} ({:.2} s)",
         m.round,
         m.participants,
         m.sampled,
@@ -1283,12 +1283,25 @@ pub fn progress_line(m: &RoundMetrics, rounds: u64) -> String {
         pct(m.test_accuracy),
         pct(m.fed_eval_accuracy),
         m.bytes_up,
-        m.bytes_up_dense as f64 / m.bytes_up.max(1) as f64,
+        uplink_vs_dense(m.bytes_up, m.bytes_up_dense),
         m.bytes_down,
         m.epsilon.map_or(String::new(), |e| format!("  ε {e:.2}")),
         &m.model[..19.min(m.model.len())],
         m.seconds
     )
+}
+
+/// The uplink against dense f32 updates: compression makes it smaller, secure aggregation's
+/// keys and shares make it larger, and the line says which.
+fn uplink_vs_dense(up: u64, dense: u64) -> String {
+    // Framing makes an uncompressed upload a little larger than the bare values.
+    if up.abs_diff(dense) * 20 <= dense {
+        "about the dense size".to_string()
+    } else if up <= dense {
+        format!("{:.1}× smaller than dense", dense as f64 / up.max(1) as f64)
+    } else {
+        format!("{:.1}× larger than dense", up as f64 / dense.max(1) as f64)
+    }
 }
 
 /// Bind `addr` (e.g. `127.0.0.1:0`).
@@ -1300,4 +1313,21 @@ pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr)> {
         .local_addr()
         .map_err(|e| FedError::Config(format!("cannot listen on {addr}: {e}")))?;
     Ok((l, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uplink_vs_dense;
+
+    #[test]
+    fn the_uplink_ratio_says_smaller_or_larger() {
+        assert_eq!(uplink_vs_dense(100, 1960), "19.6× smaller than dense");
+        assert_eq!(uplink_vs_dense(1000, 1000), "about the dense size");
+        assert_eq!(uplink_vs_dense(769_060, 768_000), "about the dense size");
+        assert_eq!(
+            uplink_vs_dense(30_262_800, 9_168_000),
+            "3.3× larger than dense"
+        );
+        assert_eq!(uplink_vs_dense(0, 0), "about the dense size");
+    }
 }
