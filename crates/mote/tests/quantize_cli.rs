@@ -61,6 +61,9 @@ fn quantize_makes_a_faithful_int8_artifact_with_provenance_and_isa_independent_b
         "scalar differs"
     );
     assert_eq!(best, vector(&store, "minilm:int8", "avx2", "1"));
+    // AVX-512 without and with VNNI (capped at the CPU's best level where it lacks them).
+    assert_eq!(best, vector(&store, "minilm:int8", "avx512", "2"));
+    assert_eq!(best, vector(&store, "minilm:int8", "avx512vnni", "1"));
 
     // The example fidelity gate (the one onnxruntime's int8 export fails) passes.
     let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -171,7 +171,7 @@ fn tile_kernel(
     assert!(w.len() >= kc * NR);
     let fresh = k0 == 0;
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() >= Isa::Avx2 {
         let xs = &x[r * k + k0..];
         let ahead = ahead.filter(|a| a.len() >= kc * NR);
         // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; the bounds the

@@ -25,8 +25,8 @@ use crate::threads::ThreadPool;
 pub const WMAX: i32 = 63;
 /// Output columns per panel (two AVX2 registers of i32 sums).
 const NR: usize = 16;
-/// Rows per micro-kernel tile.
-const MR: usize = 4;
+/// Rows per micro-kernel tile (the AVX2 kernel takes them four at a time).
+const MR: usize = 8;
 /// Most rows per parallel task.
 const MC: usize = 96;
 /// Panels per parallel task.
@@ -151,6 +151,16 @@ impl PackedI8 {
 
     /// `out = x · Wᵀ + b` for `x: [rows, k]`, `out: [rows, n]`, on `pool`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        self.matmul_at(isa(), x, out, pool);
+    }
+
+    /// [`PackedI8::matmul`] on the given ISA level (at most what the CPU has): the same bits
+    /// on every level.
+    fn matmul_at(&self, level: Isa, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        assert!(
+            level <= super::kernels::detect(),
+            "{level:?} is beyond this CPU"
+        );
         let (n, k, k4) = (self.n, self.k, self.k4);
         assert!(k > 0 && x.len().is_multiple_of(k), "input shape");
         let rows = x.len() / k;
@@ -181,13 +191,35 @@ impl PackedI8 {
         let (xq, params) = (&xq, &params);
         for_each_block(pool, rows, panels, (MR, MC, PANELS), |r0, nr, group| {
             let xs = &xq[r0 * k4..(r0 + nr) * k4];
+            #[cfg(target_arch = "x86_64")]
+            if level >= Isa::Avx512 {
+                let rows = Rows {
+                    q: xs,
+                    params: &params[r0..r0 + nr],
+                    x: &x[r0 * k..(r0 + nr) * k],
+                };
+                for p in group {
+                    // SAFETY: the level is at most the CPU's (asserted), so it has AVX-512 F
+                    // and BW (and VNNI at Avx512Vnni). Rows r0..r0 + nr and the panel's
+                    // columns are inside `out`, and this task owns those (row, panel) pairs.
+                    unsafe {
+                        let out = dst.at(r0 * n);
+                        if level == Isa::Avx512Vnni {
+                            avx512::vnni::panel(self, &rows, p, out);
+                        } else {
+                            avx512::bw::panel(self, &rows, p, out);
+                        }
+                    }
+                }
+                return;
+            }
             let mut sums = vec![[0i32; NR]; nr];
             for p in group {
                 let w = &self.data[p * k4 * NR..][..k4 * NR];
                 let mut r = 0;
                 while r < nr {
                     let m = MR.min(nr - r);
-                    tile(&xs[r * k4..(r + m) * k4], k4, w, &mut sums[r..r + m]);
+                    tile_at(level, &xs[r * k4..(r + m) * k4], k4, w, &mut sums[r..r + m]);
                     r += m;
                 }
                 let j0 = p * NR;
@@ -226,6 +258,17 @@ impl PackedI8 {
 #[inline]
 fn epilogue(acc: i32, zp: i32, col_sum: i32, sx: f32, sw: f32, bias: f32) -> f32 {
     ((acc - zp * col_sum) as f32).mul_add(sx * sw, bias)
+}
+
+/// The rows of one task: quantised, their `(scale, zero point)`s, and as given (for the
+/// outlier channels).
+#[cfg(target_arch = "x86_64")]
+struct Rows<'a> {
+    /// `rows × k4` bytes.
+    q: &'a [u8],
+    params: &'a [(f32, i32)],
+    /// `rows × k` floats.
+    x: &'a [f32],
 }
 
 /// A row's outlier channels, computed in float after the integer part.
@@ -317,22 +360,44 @@ fn row_range(x: &[f32], inv_smooth: Option<&[f32]>) -> (f32, f32) {
 /// A block of quantised rows and their `(scale, zero point)`s, written by one task.
 type RowBlock<'a> = (&'a mut [u8], &'a mut [(f32, i32)]);
 
-/// Integer sums of up to [`MR`] rows of `x` (`k4` bytes each) against one panel `w`.
-fn tile(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
+/// Integer sums of up to [`MR`] rows of `x` (`k4` bytes each) against one panel `w`, on
+/// the given ISA level (at most [`kernels::detect`](super::kernels::detect)'s).
+fn tile_at(level: Isa, x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
     let m = sums.len();
     assert!((1..=MR).contains(&m) && x.len() == m * k4 && w.len() == k4 * NR);
+    assert!(
+        level <= super::kernels::detect(),
+        "{level:?} is beyond this CPU"
+    );
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2 {
-        // SAFETY: isa() reports Avx2 only when the CPU has AVX2; bounds asserted above.
-        unsafe {
-            match m {
-                4 => avx2::tile::<4>(x, k4, w, sums),
-                3 => avx2::tile::<3>(x, k4, w, sums),
-                2 => avx2::tile::<2>(x, k4, w, sums),
-                _ => avx2::tile::<1>(x, k4, w, sums),
-            }
+    match level {
+        // SAFETY (both arms): the level is at most what the CPU has (asserted), so it has
+        // AVX-512 F and BW (and VNNI for the second); bounds asserted above.
+        Isa::Avx512 => {
+            unsafe { avx512::bw::tiles(x, k4, w, sums) };
+            return;
         }
-        return;
+        Isa::Avx512Vnni => {
+            unsafe { avx512::vnni::tiles(x, k4, w, sums) };
+            return;
+        }
+        Isa::Avx2 => {
+            for (i, s) in sums.chunks_mut(4).enumerate() {
+                let x = &x[i * 4 * k4..][..s.len() * k4];
+                // SAFETY: the CPU has AVX2 (asserted level); `x` holds the chunk's rows and
+                // `w` a whole panel (asserted above).
+                unsafe {
+                    match s.len() {
+                        4 => avx2::tile::<4>(x, k4, w, s),
+                        3 => avx2::tile::<3>(x, k4, w, s),
+                        2 => avx2::tile::<2>(x, k4, w, s),
+                        _ => avx2::tile::<1>(x, k4, w, s),
+                    }
+                }
+            }
+            return;
+        }
+        Isa::Scalar => {}
     }
     tile_scalar(x, k4, w, sums);
 }
@@ -350,6 +415,162 @@ fn tile_scalar(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
             }
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+
+    /// Defines `$tiles` (integer sums of up to [`MR`] rows × 16 columns into `sums`) and
+    /// `$panel` (a whole panel for a task's rows, with the epilogue fused), one 512-bit
+    /// register of i32 sums per row, `$step(acc, x broadcast, w)` per row and group of four
+    /// `k`. Both steps below give the same exact integer sums, and the epilogue is the
+    /// canonical one ([`super::finish_row`]) sixteen columns at a time.
+    macro_rules! kernels {
+        ($module:ident, $features:literal, $step:expr) => {
+            pub mod $module {
+                use std::arch::x86_64::*;
+
+                use super::super::{MR, NR, PackedI8, Rows};
+
+                /// The sums of `R` rows (`k4` bytes each, from `x`) against panel `w`.
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn sums<const R: usize>(x: &[u8], k4: usize, w: &[i8]) -> [__m512i; R] {
+                    assert!(R <= MR && x.len() >= R * k4);
+                    assert!(w.len() >= k4 * NR && k4.is_multiple_of(4));
+                    let mut acc = [_mm512_setzero_si512(); R];
+                    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+                    for g in 0..k4 / 4 {
+                        // SAFETY: group g (64 bytes) is inside w (k4 / 4 groups), and each
+                        // row's 4-byte read at 4g is inside its k4 bytes (asserted above).
+                        unsafe {
+                            let wv = _mm512_loadu_si512(wp.add(g * 64) as *const _);
+                            for (r, a) in acc.iter_mut().enumerate() {
+                                let xv = (xp.add(r * k4 + g * 4) as *const i32).read_unaligned();
+                                *a = $step(*a, _mm512_set1_epi32(xv), wv);
+                            }
+                        }
+                    }
+                    acc
+                }
+
+                /// # Safety
+                /// The CPU must have the features named in `target_feature`;
+                /// `x.len() == out.len() * k4`, `out.len() <= MR`, `w.len() >= k4 * 16`,
+                /// `k4 % 4 == 0`.
+                #[target_feature(enable = $features)]
+                pub unsafe fn tiles(x: &[u8], k4: usize, w: &[i8], out: &mut [[i32; NR]]) {
+                    #[inline]
+                    #[target_feature(enable = $features)]
+                    fn store<const R: usize>(x: &[u8], k4: usize, w: &[i8], out: &mut [[i32; NR]]) {
+                        assert_eq!(out.len(), R);
+                        for (a, s) in sums::<R>(x, k4, w).iter().zip(out.iter_mut()) {
+                            // SAFETY: each `s` holds 16 i32.
+                            unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut _, *a) };
+                        }
+                    }
+                    match out.len() {
+                        8 => store::<8>(x, k4, w, out),
+                        7 => store::<7>(x, k4, w, out),
+                        6 => store::<6>(x, k4, w, out),
+                        5 => store::<5>(x, k4, w, out),
+                        4 => store::<4>(x, k4, w, out),
+                        3 => store::<3>(x, k4, w, out),
+                        2 => store::<2>(x, k4, w, out),
+                        _ => store::<1>(x, k4, w, out),
+                    }
+                }
+
+                /// Panel `p` of `m` for every row of `rows`, written to `out` (row `i` at
+                /// `out + i·n + 16p`), the epilogue applied in registers.
+                ///
+                /// # Safety
+                /// The CPU must have the features named in `target_feature`; `p` is a panel of
+                /// `m`; `rows` is consistent (`q`: rows × k4 bytes, `x`: rows × k floats); `out`
+                /// points at `rows × n` writable floats.
+                #[target_feature(enable = $features)]
+                pub unsafe fn panel(m: &PackedI8, rows: &Rows, p: usize, out: *mut f32) {
+                    #[inline]
+                    #[target_feature(enable = $features)]
+                    fn block<const R: usize>(
+                        m: &PackedI8,
+                        rows: &Rows,
+                        p: usize,
+                        r: usize,
+                        out: *mut f32,
+                    ) {
+                        let (n, k, k4) = (m.n, m.k, m.k4);
+                        let w = &m.data[p * k4 * NR..][..k4 * NR];
+                        let acc = sums::<R>(&rows.q[r * k4..], k4, w);
+                        let j0 = p * NR;
+                        let cols = NR.min(n - j0);
+                        let mask: __mmask16 = ((1u32 << cols) - 1) as u16;
+                        // SAFETY: masked loads read only columns j0..j0 + cols < n of each
+                        // per-column vector and of each outlier row.
+                        let (cs, sw, bias) = unsafe {
+                            (
+                                _mm512_maskz_loadu_epi32(
+                                    mask,
+                                    m.col_sums.as_ptr().add(j0) as *const _,
+                                ),
+                                _mm512_maskz_loadu_ps(mask, m.scales.as_ptr().add(j0)),
+                                _mm512_maskz_loadu_ps(mask, m.bias.as_ptr().add(j0)),
+                            )
+                        };
+                        for (i, a) in acc.iter().enumerate() {
+                            let (sx, zp) = rows.params[r + i];
+                            let exact =
+                                _mm512_sub_epi32(*a, _mm512_mullo_epi32(_mm512_set1_epi32(zp), cs));
+                            let scale = _mm512_mul_ps(_mm512_set1_ps(sx), sw);
+                            let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, bias);
+                            let xr = &rows.x[(r + i) * k..][..k];
+                            for (t, &c) in m.outliers.iter().enumerate() {
+                                // SAFETY: as above, columns j0..j0 + cols of outlier row t.
+                                let ow = unsafe {
+                                    _mm512_maskz_loadu_ps(
+                                        mask,
+                                        m.outlier_w.as_ptr().add(t * n + j0),
+                                    )
+                                };
+                                y = _mm512_fmadd_ps(_mm512_set1_ps(xr[c]), ow, y);
+                            }
+                            // SAFETY: row r + i of the task's rows, columns j0..j0 + cols: inside
+                            // the caller's `out` (rows × n).
+                            unsafe { _mm512_mask_storeu_ps(out.add((r + i) * n + j0), mask, y) };
+                        }
+                    }
+                    let nr = rows.params.len();
+                    assert!(rows.q.len() == nr * m.k4 && rows.x.len() == nr * m.k);
+                    assert!(p < m.n.div_ceil(NR));
+                    let mut r = 0;
+                    while r < nr {
+                        let t = MR.min(nr - r);
+                        match t {
+                            8 => block::<8>(m, rows, p, r, out),
+                            7 => block::<7>(m, rows, p, r, out),
+                            6 => block::<6>(m, rows, p, r, out),
+                            5 => block::<5>(m, rows, p, r, out),
+                            4 => block::<4>(m, rows, p, r, out),
+                            3 => block::<3>(m, rows, p, r, out),
+                            2 => block::<2>(m, rows, p, r, out),
+                            _ => block::<1>(m, rows, p, r, out),
+                        }
+                        r += t;
+                    }
+                }
+            }
+        };
+    }
+
+    // `vpmaddubsw` (u8 × s8 pairs into i16, exact for 7-bit weights) then `vpmaddwd` by ones.
+    kernels!(bw, "avx512f,avx512bw", |a, x, w| _mm512_add_epi32(
+        a,
+        _mm512_madd_epi16(_mm512_maddubs_epi16(x, w), _mm512_set1_epi16(1))
+    ));
+    // `vpdpbusd`: four u8 × s8 products added into each i32 lane.
+    kernels!(vnni, "avx512f,avx512bw,avx512vnni", |a, x, w| {
+        _mm512_dpbusd_epi32(a, x, w)
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -565,9 +786,14 @@ mod tests {
             let w: Vec<i8> = (0..k4 * NR).map(|i| if extreme { if i % 3 == 0 { -63 } else { 63 } } else { (next() * 126.0).round() as i8 }).collect();
             let mut want = vec![[0i32; NR]; m];
             tile_scalar(&x, k4, &w, &mut want);
-            let mut got = vec![[7i32; NR]; m];
-            tile(&x, k4, &w, &mut got);
-            prop_assert_eq!(&got, &want);
+            // Every level this CPU has (the scalar arm included).
+            for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni] {
+                if level <= crate::native::kernels::detect() {
+                    let mut got = vec![[7i32; NR]; m];
+                    tile_at(level, &x, k4, &w, &mut got);
+                    prop_assert_eq!(&got, &want, "{:?}", level);
+                }
+            }
             for r in 0..m {
                 for c in 0..NR {
                     let exact: i64 = (0..k4).map(|i| x[r * k4 + i] as i64 * w[(i / 4) * 4 * NR + c * 4 + i % 4] as i64).sum();
@@ -643,6 +869,18 @@ mod tests {
             p.matmul(&x, &mut one, &ThreadPool::new(1).unwrap());
             p.matmul(&x, &mut two, &ThreadPool::new(2).unwrap());
             prop_assert_eq!(&one, &two);
+            // Every ISA level this CPU has gives the scalar path's bits (the AVX-512 levels
+            // fuse the epilogue into the tile).
+            let mut scalar = vec![0f32; rows * n];
+            p.matmul_at(Isa::Scalar, &x, &mut scalar, &ThreadPool::new(1).unwrap());
+            for level in [Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni] {
+                if level <= crate::native::kernels::detect() {
+                    let mut got = vec![0f32; rows * n];
+                    p.matmul_at(level, &x, &mut got, &ThreadPool::new(2).unwrap());
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    prop_assert_eq!(bits(&got), bits(&scalar), "{:?}", level);
+                }
+            }
             let last = rows - 1;
             let mut alone = vec![0f32; n];
             p.matmul(&x[last * k..], &mut alone, &ThreadPool::new(1).unwrap());

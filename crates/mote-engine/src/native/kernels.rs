@@ -15,19 +15,33 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C (every AVX2 CPU has the latter two).
     Avx2,
+    /// The AVX2 level plus AVX-512 F, BW, DQ and VL (512-bit registers, 32 of them).
+    Avx512,
+    /// The AVX-512 level plus VNNI (`vpdpbusd`: u8 × s8 dot products of four into i32).
+    Avx512Vnni,
 }
 
-/// Environment variable forcing an ISA level (`scalar`, `avx2`); for tests and benchmarks.
+/// Environment variable forcing an ISA level (`scalar`, `avx2`, `avx512`, `avx512vnni`);
+/// for tests and benchmarks.
 pub const MOTE_ISA: &str = "MOTE_ISA";
 
-fn detect() -> Isa {
+/// The best level this CPU supports.
+pub fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            return Isa::Avx2;
+            let avx512 = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512vl");
+            return match (avx512, is_x86_feature_detected!("avx512vnni")) {
+                (true, true) => Isa::Avx512Vnni,
+                (true, false) => Isa::Avx512,
+                _ => Isa::Avx2,
+            };
         }
     }
     Isa::Scalar
@@ -40,7 +54,9 @@ pub fn isa() -> Isa {
         let best = detect();
         match std::env::var(MOTE_ISA).as_deref() {
             Ok("scalar") => Isa::Scalar,
-            Ok("avx2") | Ok("avx512") | Ok("avx512vnni") => best.min(Isa::Avx2),
+            Ok("avx2") => best.min(Isa::Avx2),
+            Ok("avx512") => best.min(Isa::Avx512),
+            Ok("avx512vnni") => best.min(Isa::Avx512Vnni),
             _ => best,
         }
     })
@@ -196,8 +212,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of unequal lengths");
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked above.
-        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        // SAFETY: isa() returns Avx2 or above only when the CPU has AVX2 and FMA; lengths
+        // checked above.
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx2::dot(a, b) },
         _ => dot_scalar(a, b),
     }
 }
@@ -216,8 +233,9 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "axpy of unequal lengths");
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked above.
-        Isa::Avx2 => unsafe { avx2::axpy(a, x, y) },
+        // SAFETY: isa() returns Avx2 or above only when the CPU has AVX2 and FMA; lengths
+        // checked above.
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx2::axpy(a, x, y) },
         _ => axpy_scalar(a, x, y),
     }
 }
@@ -274,7 +292,7 @@ fn linear_block(
     let wrow = |j: usize| &w[j * k..(j + 1) * k];
     let mut r = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() >= Isa::Avx2 {
         while r + 3 <= rows {
             let mut c = 0;
             while c + 4 <= nc {
@@ -334,7 +352,7 @@ mod tests {
                 prop_assert_eq!(dot(&x, row).to_bits(), dot_scalar(&x, row).to_bits());
             }
             #[cfg(target_arch = "x86_64")]
-            if detect() == Isa::Avx2 {
+            if detect() >= Isa::Avx2 {
                 // SAFETY: AVX2+FMA detected; the tile's rows all have x's length.
                 let t = unsafe { avx2::tile3x4([&w[1], &x, &w[3]], [&w[0], &w[1], &w[2], &w[3]]) };
                 for (r, xr) in [&w[1], &x, &w[3]].iter().enumerate() {

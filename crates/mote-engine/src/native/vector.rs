@@ -371,7 +371,7 @@ mod avx2 {
 /// `exp` of every value in place, on the selected ISA (identical bits on every path).
 pub fn exp(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() >= Isa::Avx2 {
         use std::arch::x86_64::*;
         let mut chunks = x.chunks_exact_mut(8);
         for c in &mut chunks {
@@ -389,7 +389,7 @@ pub fn exp(x: &mut [f32]) {
 /// GELU (erf form) in place, on the selected ISA.
 pub fn gelu(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2 {
+    if isa() >= Isa::Avx2 {
         // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA.
         unsafe { avx2::gelu(x) };
         return;
@@ -413,7 +413,7 @@ pub fn attend<const Q: usize>(
     outs: [&mut [f32]; Q],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx2
+    if isa() >= Isa::Avx2
         && len > 0
         && qs[0].len().is_multiple_of(8)
         && stride >= len.next_multiple_of(8)
