@@ -64,7 +64,7 @@ pub fn quantize_row(x: &[f32], out: &mut [Q8Block]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; lengths checked.
-        Isa::Avx2 => unsafe { avx2::quantize_row(x, out) },
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => unsafe { avx2::quantize_row(x, out) },
         _ => quantize_row_scalar(x, out),
     }
 }
@@ -234,9 +234,12 @@ pub fn matmul_rows(
     );
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2, FMA and F16C; every length
-        // was checked above.
-        Isa::Avx2 => unsafe { avx2::matmul_rows(ty, w, stride, rows, x, nb, out) },
+        // SAFETY: isa() returns Avx2 or above only when the CPU has AVX2, FMA and F16C; every
+        // length was checked above.
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::matmul_rows(ty, w, stride, rows, x, nb, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returns Avx512Vnni only when the CPU also has AVX-512 F, VL and VNNI.
+        Isa::Avx512Vnni => unsafe { vnni::matmul_rows(ty, w, stride, rows, x, nb, out) },
         _ => {
             for r in 0..rows {
                 for t in 0..n_tok {
@@ -251,29 +254,221 @@ pub fn matmul_rows(
     }
 }
 
+/// The x86 kernels of one ISA level: `$features` for `target_feature`, `$dot4(u, s)` the
+/// exact i32 sums of four adjacent u8 × s8 products (`u` ≤ 128, `s` never -128, so the AVX2
+/// form's i16 pairs cannot saturate and both forms give the same integers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_kernels {
+    ($features:literal, $dot4:expr) => {
+        use std::arch::x86_64::*;
+
+        use super::super::{Q8Block, QType};
+
+        /// Reduce eight lanes in the canonical order.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn reduce(v: __m256) -> f32 {
+            let mut a = [0f32; 8];
+            // SAFETY: `a` has room for eight floats.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+            super::super::reduce8(a)
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn f16(p: *const u8) -> f32 {
+            // SAFETY: callers pass a pointer to two readable bytes.
+            let bits = unsafe { (p as *const u16).read_unaligned() };
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+        }
+
+        /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1,
+        /// signed for Q4_0 and Q8_0), with its scale and minimum.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, f32, f32) {
+            // SAFETY: callers pass a pointer to a whole block of type TY.
+            unsafe {
+                match TY {
+                    0 => {
+                        let v = _mm_loadu_si128(p.add(2) as *const __m128i);
+                        let m4 = _mm_set1_epi8(15);
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                        let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+                        (w, f16(p), 0.0)
+                    }
+                    1 => {
+                        let v = _mm_loadu_si128(p.add(4) as *const __m128i);
+                        let m4 = _mm_set1_epi8(15);
+                        let lo = _mm_and_si128(v, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                        (_mm256_set_m128i(hi, lo), f16(p), f16(p.add(2)))
+                    }
+                    _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
+                }
+            }
+        }
+
+        /// Lane sums of `w · x` over one block: exact int32, lane `l` = elements `4l..4l+3`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn lanes<const TY: u8>(w: __m256i, x: __m256i) -> __m256 {
+            let (u, s) = if TY == 1 {
+                // Unsigned nibbles × signed activations.
+                (w, x)
+            } else {
+                // |w| × (x with w's sign): the same products, with an unsigned left operand.
+                (_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+            };
+            _mm256_cvtepi32_ps($dot4(u, s))
+        }
+
+        /// A tile of `R` weight rows × `T` tokens, in the canonical order.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn tile<const TY: u8, const R: usize, const T: usize>(
+            w: [*const u8; R],
+            x: [*const Q8Block; T],
+            nb: usize,
+            bb: usize,
+        ) -> [[f32; T]; R] {
+            let mut acc = [[_mm256_setzero_ps(); T]; R];
+            for b in 0..nb {
+                let mut wv = [_mm256_setzero_si256(); R];
+                let mut dw = [0f32; R];
+                let mut mw = [0f32; R];
+                for r in 0..R {
+                    // SAFETY: block b of row r is inside the row (nb blocks of bb bytes).
+                    (wv[r], dw[r], mw[r]) = unsafe { load_w::<TY>(w[r].add(b * bb)) };
+                    if T == 1 {
+                        // Generation streams the weights once: ask for them ahead of use.
+                        // (A prefetch never faults, even past the end of the mapping.)
+                        _mm_prefetch::<_MM_HINT_T0>(w[r].wrapping_add(b * bb + 4 * 64) as *const i8);
+                    }
+                }
+                for t in 0..T {
+                    // SAFETY: block b of token t is inside its nb blocks.
+                    let xb = unsafe { &*x[t].add(b) };
+                    // SAFETY: qs is 32 bytes; sx is 8 floats.
+                    let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
+                    let sx = unsafe { _mm256_loadu_ps(xb.sx.as_ptr()) };
+                    for r in 0..R {
+                        let p = lanes::<TY>(wv[r], xv);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), p, acc[r][t]);
+                        if TY == 1 {
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), sx, acc[r][t]);
+                        }
+                    }
+                }
+            }
+            let mut out = [[0f32; T]; R];
+            for r in 0..R {
+                for t in 0..T {
+                    out[r][t] = reduce(acc[r][t]);
+                }
+            }
+            out
+        }
+
+        /// See [`super::matmul_rows`]; tiles of 4 rows × 2 tokens, smaller at the edges.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2, FMA and F16C; lengths as checked by the caller.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn matmul_rows(
+            ty: QType,
+            w: &[u8],
+            stride: usize,
+            rows: usize,
+            x: &[Q8Block],
+            nb: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                match ty {
+                    QType::Q4_0 => run::<0>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                    QType::Q4_1 => run::<1>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                    QType::Q8_0 => run::<2>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn run<const TY: u8>(
+            w: &[u8],
+            stride: usize,
+            rows: usize,
+            x: &[Q8Block],
+            nb: usize,
+            out: &mut [f32],
+            bb: usize,
+        ) {
+            let n_tok = x.len() / nb;
+            let wp = |r: usize| w[r * stride..].as_ptr();
+            let xp = |t: usize| x[t * nb..].as_ptr();
+            let mut r = 0;
+            while r < rows {
+                let nr = (rows - r).min(4);
+                let mut t = 0;
+                while t < n_tok {
+                    let nt = (n_tok - t).min(2);
+                    // SAFETY: rows r..r+nr and tokens t..t+nt exist; each has nb blocks.
+                    unsafe {
+                        match (nr, nt) {
+                            (4, 2) => {
+                                let o = tile::<TY, 4, 2>(
+                                    [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
+                                    [xp(t), xp(t + 1)],
+                                    nb,
+                                    bb,
+                                );
+                                for (i, row) in o.iter().enumerate() {
+                                    out[(r + i) * n_tok + t..][..2].copy_from_slice(row);
+                                }
+                            }
+                            (4, 1) => {
+                                let o = tile::<TY, 4, 1>(
+                                    [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
+                                    [xp(t)],
+                                    nb,
+                                    bb,
+                                );
+                                for (i, row) in o.iter().enumerate() {
+                                    out[(r + i) * n_tok + t] = row[0];
+                                }
+                            }
+                            (_, _) => {
+                                for i in 0..nr {
+                                    for j in 0..nt {
+                                        out[(r + i) * n_tok + t + j] =
+                                            tile::<TY, 1, 1>([wp(r + i)], [xp(t + j)], nb, bb)[0][0];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    t += nt;
+                }
+                r += nr;
+            }
+        }
+    };
+}
+
+/// AVX2 + FMA + F16C: `vpmaddubsw` then `vpmaddwd` by ones for the lane sums.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
+    mod kernels {
+        x86_kernels!("avx2,fma,f16c", |u, s| _mm256_madd_epi16(
+            _mm256_maddubs_epi16(u, s),
+            _mm256_set1_epi16(1)
+        ));
+    }
+    pub(crate) use kernels::matmul_rows;
+
     use std::arch::x86_64::*;
-
-    use super::{Q8Block, QType};
-
-    /// Reduce eight lanes in the canonical order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn reduce(v: __m256) -> f32 {
-        let mut a = [0f32; 8];
-        // SAFETY: `a` has room for eight floats.
-        unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
-        super::reduce8(a)
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16(p: *const u8) -> f32 {
-        // SAFETY: callers pass a pointer to two readable bytes.
-        let bits = unsafe { (p as *const u16).read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
 
     /// See [`super::quantize_row`]; the same arithmetic eight values at a time.
     ///
@@ -309,180 +504,17 @@ pub(crate) mod avx2 {
             super::finish_block(ob, d);
         }
     }
+}
 
-    /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1,
-    /// signed for Q4_0 and Q8_0), with its scale and minimum.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, f32, f32) {
-        // SAFETY: callers pass a pointer to a whole block of type TY.
-        unsafe {
-            match TY {
-                0 => {
-                    let v = _mm_loadu_si128(p.add(2) as *const __m128i);
-                    let m4 = _mm_set1_epi8(15);
-                    let lo = _mm_and_si128(v, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                    let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-                    (w, f16(p), 0.0)
-                }
-                1 => {
-                    let v = _mm_loadu_si128(p.add(4) as *const __m128i);
-                    let m4 = _mm_set1_epi8(15);
-                    let lo = _mm_and_si128(v, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                    (_mm256_set_m128i(hi, lo), f16(p), f16(p.add(2)))
-                }
-                _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
-            }
-        }
+/// The AVX2 kernels with AVX-512 VNNI's `vpdpbusd` (256-bit form) for the lane sums.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni {
+    mod kernels {
+        x86_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |u, s| {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        });
     }
-
-    /// Lane sums of `w · x` over one block: exact int32, lane `l` = elements `4l..4l+3`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn lanes<const TY: u8>(w: __m256i, x: __m256i) -> __m256 {
-        let ones = _mm256_set1_epi16(1);
-        let p16 = if TY == 1 {
-            // Unsigned nibbles × signed activations.
-            _mm256_maddubs_epi16(w, x)
-        } else {
-            // |w| × (x with w's sign): the same products, with an unsigned left operand.
-            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-        };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
-    }
-
-    /// A tile of `R` weight rows × `T` tokens, in the canonical order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const TY: u8, const R: usize, const T: usize>(
-        w: [*const u8; R],
-        x: [*const Q8Block; T],
-        nb: usize,
-        bb: usize,
-    ) -> [[f32; T]; R] {
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        for b in 0..nb {
-            let mut wv = [_mm256_setzero_si256(); R];
-            let mut dw = [0f32; R];
-            let mut mw = [0f32; R];
-            for r in 0..R {
-                // SAFETY: block b of row r is inside the row (nb blocks of bb bytes).
-                (wv[r], dw[r], mw[r]) = unsafe { load_w::<TY>(w[r].add(b * bb)) };
-                if T == 1 {
-                    // Generation streams the weights once: ask for them ahead of use.
-                    // (A prefetch never faults, even past the end of the mapping.)
-                    _mm_prefetch::<_MM_HINT_T0>(w[r].wrapping_add(b * bb + 4 * 64) as *const i8);
-                }
-            }
-            for t in 0..T {
-                // SAFETY: block b of token t is inside its nb blocks.
-                let xb = unsafe { &*x[t].add(b) };
-                // SAFETY: qs is 32 bytes; sx is 8 floats.
-                let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-                let sx = unsafe { _mm256_loadu_ps(xb.sx.as_ptr()) };
-                for r in 0..R {
-                    let p = lanes::<TY>(wv[r], xv);
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), p, acc[r][t]);
-                    if TY == 1 {
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), sx, acc[r][t]);
-                    }
-                }
-            }
-        }
-        let mut out = [[0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = reduce(acc[r][t]);
-            }
-        }
-        out
-    }
-
-    /// See [`super::matmul_rows`]; tiles of 4 rows × 2 tokens, smaller at the edges.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; lengths as checked by the caller.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) unsafe fn matmul_rows(
-        ty: QType,
-        w: &[u8],
-        stride: usize,
-        rows: usize,
-        x: &[Q8Block],
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match ty {
-                QType::Q4_0 => run::<0>(w, stride, rows, x, nb, out, ty.block_bytes()),
-                QType::Q4_1 => run::<1>(w, stride, rows, x, nb, out, ty.block_bytes()),
-                QType::Q8_0 => run::<2>(w, stride, rows, x, nb, out, ty.block_bytes()),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn run<const TY: u8>(
-        w: &[u8],
-        stride: usize,
-        rows: usize,
-        x: &[Q8Block],
-        nb: usize,
-        out: &mut [f32],
-        bb: usize,
-    ) {
-        let n_tok = x.len() / nb;
-        let wp = |r: usize| w[r * stride..].as_ptr();
-        let xp = |t: usize| x[t * nb..].as_ptr();
-        let mut r = 0;
-        while r < rows {
-            let nr = (rows - r).min(4);
-            let mut t = 0;
-            while t < n_tok {
-                let nt = (n_tok - t).min(2);
-                // SAFETY: rows r..r+nr and tokens t..t+nt exist; each has nb blocks.
-                unsafe {
-                    match (nr, nt) {
-                        (4, 2) => {
-                            let o = tile::<TY, 4, 2>(
-                                [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
-                                [xp(t), xp(t + 1)],
-                                nb,
-                                bb,
-                            );
-                            for (i, row) in o.iter().enumerate() {
-                                out[(r + i) * n_tok + t..][..2].copy_from_slice(row);
-                            }
-                        }
-                        (4, 1) => {
-                            let o = tile::<TY, 4, 1>(
-                                [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
-                                [xp(t)],
-                                nb,
-                                bb,
-                            );
-                            for (i, row) in o.iter().enumerate() {
-                                out[(r + i) * n_tok + t] = row[0];
-                            }
-                        }
-                        (_, _) => {
-                            for i in 0..nr {
-                                for j in 0..nt {
-                                    out[(r + i) * n_tok + t + j] =
-                                        tile::<TY, 1, 1>([wp(r + i)], [xp(t + j)], nb, bb)[0][0];
-                                }
-                            }
-                        }
-                    }
-                }
-                t += nt;
-            }
-            r += nr;
-        }
-    }
+    pub(crate) use kernels::matmul_rows;
 }
 
 #[cfg(test)]
@@ -531,10 +563,30 @@ mod tests {
             quantize_row(&xs[..n_tok * nb * QK], &mut x);
             let mut out = vec![0f32; rows_n * n_tok];
             matmul_rows(ty, &w, stride, rows_n, &x, nb, &mut out);
-            for r in 0..rows_n {
-                for t in 0..n_tok {
-                    let want = dot_scalar(ty, &w[r * stride..(r + 1) * stride], &x[t * nb..(t + 1) * nb]);
-                    prop_assert_eq!(out[r * n_tok + t].to_bits(), want.to_bits(), "row {} token {}", r, t);
+            let mut outs = vec![out];
+            // Every x86 level this CPU has, called directly (isa() picks only the best).
+            #[cfg(target_arch = "x86_64")]
+            {
+                let best = crate::native::kernels::detect();
+                if best >= Isa::Avx2 {
+                    let mut o = vec![0f32; rows_n * n_tok];
+                    // SAFETY: the CPU has AVX2, FMA and F16C; shapes as matmul_rows checks.
+                    unsafe { avx2::matmul_rows(ty, &w, stride, rows_n, &x, nb, &mut o) };
+                    outs.push(o);
+                }
+                if best >= Isa::Avx512Vnni {
+                    let mut o = vec![0f32; rows_n * n_tok];
+                    // SAFETY: the CPU has AVX-512 F, VL and VNNI besides AVX2; shapes as above.
+                    unsafe { vnni::matmul_rows(ty, &w, stride, rows_n, &x, nb, &mut o) };
+                    outs.push(o);
+                }
+            }
+            for out in &outs {
+                for r in 0..rows_n {
+                    for t in 0..n_tok {
+                        let want = dot_scalar(ty, &w[r * stride..(r + 1) * stride], &x[t * nb..(t + 1) * nb]);
+                        prop_assert_eq!(out[r * n_tok + t].to_bits(), want.to_bits(), "row {} token {}", r, t);
+                    }
                 }
             }
         }
