@@ -12,13 +12,14 @@
 //! task computes, never how, so results do not depend on the thread count, on the other rows
 //! of the batch, or on the ISA level.
 
-use super::kernels::{Isa, isa};
+use super::kernels::{Isa, detect, isa};
 use crate::threads::ThreadPool;
 
 /// Output columns per panel.
 const NR: usize = 16;
-/// Rows per micro-kernel tile.
-const MR: usize = 6;
+/// Rows per micro-kernel tile (the AVX2 kernel takes them six at a time: 12 of its 16
+/// registers hold sums; AVX-512 has 32 registers of 16 floats, one per row).
+const MR: usize = 12;
 /// Most rows per parallel task.
 const MC: usize = 96;
 /// Panels per parallel task.
@@ -68,6 +69,13 @@ impl Packed {
 
     /// `out = x · Wᵀ + b` for `x: [rows, k]`, `out: [rows, n]`, on `pool`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        self.matmul_at(isa(), x, out, pool);
+    }
+
+    /// [`Packed::matmul`] on the given ISA level (at most what the CPU has): the same bits
+    /// on every level.
+    fn matmul_at(&self, level: Isa, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        assert!(level <= detect(), "{level:?} is beyond this CPU");
         let (n, k) = (self.n, self.k);
         assert!(k > 0 && x.len().is_multiple_of(k), "input shape");
         let rows = x.len() / k;
@@ -90,6 +98,9 @@ impl Packed {
                 // computes: with few rows (one sequence) each panel is used by a handful of
                 // tiles only, and its first tile would otherwise wait on memory.
                 let next = self.data.get((p + 1) * k * NR..(p + 2) * k * NR);
+                let j0 = p * NR;
+                let cols = NR.min(n - j0);
+                let mut written = false;
                 for k0 in (0..k).step_by(KC) {
                     let kc = KC.min(k - k0);
                     let mut r = 0;
@@ -97,12 +108,21 @@ impl Packed {
                         let m = MR.min(nr - r);
                         let ahead = next.filter(|_| r == 0).map(|n| &n[k0 * NR..]);
                         let sums = &mut sums[r..r + m];
-                        tile_kernel(xs, r, k, k0, kc, &w[k0 * NR..], ahead, m, sums);
+                        let slice = (k0, kc, &w[k0 * NR..]);
+                        // The last slice may add the bias and write the rows itself.
+                        let finish = (k0 + kc == k).then(|| Finish {
+                            out: dst.at((r0 + r) * n + j0),
+                            n,
+                            cols,
+                            bias: &self.bias[j0..j0 + cols],
+                        });
+                        written = tile_kernel(level, xs, r, k, slice, ahead, m, sums, finish);
                         r += m;
                     }
                 }
-                let j0 = p * NR;
-                let cols = NR.min(n - j0);
+                if written {
+                    continue;
+                }
                 for (i, s) in sums.iter().enumerate() {
                     // SAFETY: row r0 + i < rows and columns j0..j0 + cols <= n: inside `out`,
                     // and this task owns the (row, panel) pair.
@@ -152,43 +172,92 @@ impl OutPtr {
     }
 }
 
-/// One tile: rows `r..r + m` (m ≤ 6) of `x` (rows of `k`), steps `k0..k0 + kc`, against the
-/// panel slice `w` (`kc × 16`), continuing the chains in `sums` (zero when `k0 == 0`).
-/// `ahead`, when given, is the same slice of another panel to prefetch (no effect on results).
+/// Where a tile of the last k slice may write its rows: `sums + bias` for `cols` columns,
+/// row `i` at `out + i·n` (the epilogue of [`Packed::matmul`], same operations).
+struct Finish<'a> {
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+    bias: &'a [f32],
+}
+
+/// One tile: rows `r..r + m` (m ≤ 12) of `x` (rows of `k`), steps `k0..k0 + kc`, against
+/// the panel slice `w` (`kc × 16`), continuing the chains in `sums` (zero when `k0 == 0`),
+/// on ISA `level` (at most the CPU's). `ahead`, when given, is the same slice of another
+/// panel to prefetch (no effect on results). With `finish` (the last slice), the AVX-512
+/// path writes the tile's outputs itself and returns true; otherwise the sums are left in
+/// `sums` and it returns false.
+///
+/// `finish.out` must point at `m` rows of `finish.n` writable floats with `cols` columns
+/// each, owned by the caller's task.
 #[allow(clippy::too_many_arguments)]
 fn tile_kernel(
+    level: Isa,
     x: &[f32],
     r: usize,
     k: usize,
-    k0: usize,
-    kc: usize,
-    w: &[f32],
+    (k0, kc, w): (usize, usize, &[f32]),
     ahead: Option<&[f32]>,
     m: usize,
     sums: &mut [[f32; NR]],
-) {
+    finish: Option<Finish>,
+) -> bool {
     assert!(m <= MR && sums.len() == m && x.len() >= (r + m) * k && k0 + kc <= k);
     assert!(w.len() >= kc * NR);
     let fresh = k0 == 0;
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2 {
+    if level >= Isa::Avx512 {
         let xs = &x[r * k + k0..];
-        let ahead = ahead.filter(|a| a.len() >= kc * NR);
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; the bounds the
-        // kernel reads are asserted above (m rows of stride k from xs, kc × 16 of w, and of
-        // `ahead` when given).
+        let a = ahead.filter(|a| a.len() >= kc * NR);
+        // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX-512F;
+        // the bounds the kernel reads are asserted above (m rows of stride k from xs,
+        // kc × 16 of w, and of `ahead` when given).
+        let written = finish.is_some();
+        let f = finish.as_ref();
+        // SAFETY: as above; `finish`'s rows are the caller's to write (contract above).
         unsafe {
-            match (m, ahead) {
-                (6, Some(a)) => avx2::tile::<6, true>(xs, k, kc, w, a, fresh, sums),
-                (6, None) => avx2::tile::<6, false>(xs, k, kc, w, w, fresh, sums),
-                (5, _) => avx2::tile::<5, false>(xs, k, kc, w, w, fresh, sums),
-                (4, _) => avx2::tile::<4, false>(xs, k, kc, w, w, fresh, sums),
-                (3, _) => avx2::tile::<3, false>(xs, k, kc, w, w, fresh, sums),
-                (2, _) => avx2::tile::<2, false>(xs, k, kc, w, w, fresh, sums),
-                _ => avx2::tile::<1, false>(xs, k, kc, w, w, fresh, sums),
+            use avx512::tile;
+            match (m, a) {
+                (12, Some(a)) => tile::<12, true>(xs, k, kc, w, a, fresh, sums, f),
+                (12, None) => tile::<12, false>(xs, k, kc, w, w, fresh, sums, f),
+                (11, _) => tile::<11, false>(xs, k, kc, w, w, fresh, sums, f),
+                (10, _) => tile::<10, false>(xs, k, kc, w, w, fresh, sums, f),
+                (9, _) => tile::<9, false>(xs, k, kc, w, w, fresh, sums, f),
+                (8, _) => tile::<8, false>(xs, k, kc, w, w, fresh, sums, f),
+                (7, _) => tile::<7, false>(xs, k, kc, w, w, fresh, sums, f),
+                (6, _) => tile::<6, false>(xs, k, kc, w, w, fresh, sums, f),
+                (5, _) => tile::<5, false>(xs, k, kc, w, w, fresh, sums, f),
+                (4, _) => tile::<4, false>(xs, k, kc, w, w, fresh, sums, f),
+                (3, _) => tile::<3, false>(xs, k, kc, w, w, fresh, sums, f),
+                (2, _) => tile::<2, false>(xs, k, kc, w, w, fresh, sums, f),
+                _ => tile::<1, false>(xs, k, kc, w, w, fresh, sums, f),
             }
         }
-        return;
+        return written;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= Isa::Avx2 {
+        for (i, sums) in sums.chunks_mut(6).enumerate() {
+            let xs = &x[(r + 6 * i) * k + k0..];
+            // Only the first six rows prefetch (once per slice is enough).
+            let a = ahead.filter(|a| i == 0 && a.len() >= kc * NR);
+            // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX2
+            // and FMA; this chunk's rows (at most 6, of stride k from xs) are inside the
+            // asserted m rows, and the slices' bounds are asserted above.
+            unsafe {
+                use avx2::tile;
+                match (sums.len(), a) {
+                    (6, Some(a)) => tile::<6, true>(xs, k, kc, w, a, fresh, sums),
+                    (6, None) => tile::<6, false>(xs, k, kc, w, w, fresh, sums),
+                    (5, _) => tile::<5, false>(xs, k, kc, w, w, fresh, sums),
+                    (4, _) => tile::<4, false>(xs, k, kc, w, w, fresh, sums),
+                    (3, _) => tile::<3, false>(xs, k, kc, w, w, fresh, sums),
+                    (2, _) => tile::<2, false>(xs, k, kc, w, w, fresh, sums),
+                    _ => tile::<1, false>(xs, k, kc, w, w, fresh, sums),
+                }
+            }
+        }
+        return false;
     }
     for (i, s) in sums.iter_mut().enumerate() {
         for (c, out) in s.iter_mut().enumerate() {
@@ -199,6 +268,7 @@ fn tile_kernel(
             *out = acc;
         }
     }
+    false
 }
 
 /// The canonical product of one row and one weight row (the reference for tests).
@@ -207,12 +277,81 @@ pub fn dot_sequential(x: &[f32], w: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Finish, MR, NR};
+
+    /// `R` rows × 16 columns, one 512-bit register of sums per row, continuing from `sums`
+    /// unless `fresh`: per step one load of the panel's 16 weights and one broadcast
+    /// fused multiply-add per row — each element's chain is the scalar one. With
+    /// `PREFETCH`, each step also asks for the matching line of `ahead` (towards L2).
+    ///
+    /// With `finish`, the sums plus bias go to its rows instead of `sums`.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `x.len() >= (R - 1) * k + kc`, `w.len() >= kc * 16`,
+    /// `ahead.len() >= kc * 16` with `PREFETCH`, `sums.len() == R`; `finish`, if given,
+    /// points at `R` writable rows of `cols ≤ 16` floats, `n` apart.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile<const R: usize, const PREFETCH: bool>(
+        x: &[f32],
+        k: usize,
+        kc: usize,
+        w: &[f32],
+        ahead: &[f32],
+        fresh: bool,
+        sums: &mut [[f32; NR]],
+        finish: Option<&Finish>,
+    ) {
+        assert!(R <= MR && sums.len() == R && x.len() >= (R - 1) * k + kc && w.len() >= kc * NR);
+        assert!(!PREFETCH || ahead.len() >= kc * NR);
+        let mut acc = [_mm512_setzero_ps(); R];
+        if !fresh {
+            for (a, s) in acc.iter_mut().zip(sums.iter()) {
+                // SAFETY: each `s` holds 16 floats.
+                *a = unsafe { _mm512_loadu_ps(s.as_ptr()) };
+            }
+        }
+        let (xp, wp, ap) = (x.as_ptr(), w.as_ptr(), ahead.as_ptr());
+        for kk in 0..kc {
+            if PREFETCH {
+                _mm_prefetch::<_MM_HINT_T1>(ap.wrapping_add(kk * NR) as *const i8);
+            }
+            // SAFETY: kk * 16 + 16 <= kc * 16 <= w.len(); r * k + kk < (R-1) * k + kc <= x.len().
+            unsafe {
+                let wv = _mm512_loadu_ps(wp.add(kk * NR));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*xp.add(r * k + kk)), wv, *a);
+                }
+            }
+        }
+        if let Some(f) = finish {
+            assert!(f.cols <= NR && f.bias.len() == f.cols);
+            let mask: __mmask16 = ((1u32 << f.cols) - 1) as u16;
+            // SAFETY: the masked load reads the bias's `cols` floats only.
+            let bias = unsafe { _mm512_maskz_loadu_ps(mask, f.bias.as_ptr()) };
+            for (i, a) in acc.iter().enumerate() {
+                // SAFETY: row i of the R rows `finish` points at, its `cols` columns.
+                unsafe { _mm512_mask_storeu_ps(f.out.add(i * f.n), mask, _mm512_add_ps(*a, bias)) };
+            }
+            return;
+        }
+        for (a, s) in acc.iter().zip(sums.iter_mut()) {
+            // SAFETY: each `s` holds 16 floats.
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), *a) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::NR;
 
-    /// `R` rows × 16 columns, accumulators in registers, continuing from `sums` unless
+    /// `R` (≤ 6) rows × 16 columns, accumulators in registers, continuing from `sums` unless
     /// `fresh`. With `PREFETCH`, each step also asks for the matching line of `ahead`
     /// (towards L2), which the results never depend on.
     ///
@@ -230,7 +369,7 @@ mod avx2 {
         fresh: bool,
         sums: &mut [[f32; NR]],
     ) {
-        assert!(R <= MR && sums.len() == R && x.len() >= (R - 1) * k + kc && w.len() >= kc * NR);
+        assert!(R <= 6 && sums.len() == R && x.len() >= (R - 1) * k + kc && w.len() >= kc * NR);
         assert!(!PREFETCH || ahead.len() >= kc * NR);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         if !fresh {
@@ -277,7 +416,8 @@ mod tests {
     proptest! {
         #[test]
         fn packed_matmul_is_the_canonical_product_on_every_path_and_thread_count(
-            rows in 1usize..110, k in 1usize..50, n in 1usize..40, seed in any::<u64>()
+            rows in 1usize..110, k in prop_oneof![1usize..50, 380usize..800], n in 1usize..40,
+            seed in any::<u64>()
         ) {
             let mut s = seed | 1;
             let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5 };
@@ -290,6 +430,16 @@ mod tests {
             p.matmul(&x, &mut one, &ThreadPool::new(1).unwrap());
             p.matmul(&x, &mut two, &ThreadPool::new(2).unwrap());
             prop_assert_eq!(&one, &two);
+            // Every level this CPU has gives the same bits (checked against the canonical
+            // chain below).
+            for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                if level <= detect() {
+                    let mut got = vec![0f32; rows * n];
+                    p.matmul_at(level, &x, &mut got, &ThreadPool::new(2).unwrap());
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    prop_assert_eq!(bits(&got), bits(&one), "{:?}", level);
+                }
+            }
             for r in 0..rows {
                 for j in 0..n {
                     let want = dot_sequential(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]) + b[j];
