@@ -198,16 +198,19 @@ impl PackedI8 {
                     params: &params[r0..r0 + nr],
                     x: &x[r0 * k..(r0 + nr) * k],
                 };
-                for p in group {
+                let end = group.end;
+                for p in group.step_by(2) {
+                    // Two panels at a time (one if the group has an odd count).
+                    let count = 2.min(end - p);
                     // SAFETY: the level is at most the CPU's (asserted), so it has AVX-512 F
-                    // and BW (and VNNI at Avx512Vnni). Rows r0..r0 + nr and the panel's
+                    // and BW (and VNNI at Avx512Vnni). Rows r0..r0 + nr and the panels'
                     // columns are inside `out`, and this task owns those (row, panel) pairs.
                     unsafe {
                         let out = dst.at(r0 * n);
                         if level == Isa::Avx512Vnni {
-                            avx512::vnni::panel(self, &rows, p, out);
+                            avx512::vnni::panels(self, &rows, p, count, out);
                         } else {
-                            avx512::bw::panel(self, &rows, p, out);
+                            avx512::bw::panels(self, &rows, p, count, out);
                         }
                     }
                 }
@@ -432,22 +435,40 @@ mod avx512 {
 
                 use super::super::{MR, NR, PackedI8, Rows};
 
-                /// The sums of `R` rows (`k4` bytes each, from `x`) against panel `w`.
+                /// The sums of `R` rows (`k4` bytes each, from `x`) against `P` panels `w`.
                 #[inline]
                 #[target_feature(enable = $features)]
-                fn sums<const R: usize>(x: &[u8], k4: usize, w: &[i8]) -> [__m512i; R] {
-                    assert!(R <= MR && x.len() >= R * k4);
-                    assert!(w.len() >= k4 * NR && k4.is_multiple_of(4));
-                    let mut acc = [_mm512_setzero_si512(); R];
-                    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+                fn sums<const R: usize, const P: usize>(
+                    x: &[u8],
+                    k4: usize,
+                    w: [&[i8]; P],
+                    ahead: Option<&[i8]>,
+                ) -> [[__m512i; P]; R] {
+                    assert!(R <= MR && x.len() >= R * k4 && k4.is_multiple_of(4));
+                    assert!(w.iter().all(|w| w.len() >= k4 * NR));
+                    let mut acc = [[_mm512_setzero_si512(); P]; R];
+                    let xp = x.as_ptr();
                     for g in 0..k4 / 4 {
-                        // SAFETY: group g (64 bytes) is inside w (k4 / 4 groups), and each
-                        // row's 4-byte read at 4g is inside its k4 bytes (asserted above).
+                        // SAFETY: group g (64 bytes) is inside each panel (k4 / 4 groups),
+                        // and each row's 4-byte read at 4g is inside its k4 bytes (asserted
+                        // above).
                         unsafe {
-                            let wv = _mm512_loadu_si512(wp.add(g * 64) as *const _);
+                            if let Some(a) = ahead {
+                                // The next panels' group g (a hint: never faults, and the
+                                // results do not depend on it).
+                                for i in 0..P {
+                                    let at = a.as_ptr().wrapping_add(i * k4 * NR + g * 64);
+                                    _mm_prefetch::<_MM_HINT_T1>(at);
+                                }
+                            }
+                            let wv =
+                                w.map(|w| _mm512_loadu_si512(w.as_ptr().add(g * 64) as *const _));
                             for (r, a) in acc.iter_mut().enumerate() {
                                 let xv = (xp.add(r * k4 + g * 4) as *const i32).read_unaligned();
-                                *a = $step(*a, _mm512_set1_epi32(xv), wv);
+                                let xb = _mm512_set1_epi32(xv);
+                                for (a, wv) in a.iter_mut().zip(wv) {
+                                    *a = $step(*a, xb, wv);
+                                }
                             }
                         }
                     }
@@ -464,9 +485,9 @@ mod avx512 {
                     #[target_feature(enable = $features)]
                     fn store<const R: usize>(x: &[u8], k4: usize, w: &[i8], out: &mut [[i32; NR]]) {
                         assert_eq!(out.len(), R);
-                        for (a, s) in sums::<R>(x, k4, w).iter().zip(out.iter_mut()) {
+                        for (a, s) in sums::<R, 1>(x, k4, [w], None).iter().zip(out.iter_mut()) {
                             // SAFETY: each `s` holds 16 i32.
-                            unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut _, *a) };
+                            unsafe { _mm512_storeu_si512(s.as_mut_ptr() as *mut _, a[0]) };
                         }
                     }
                     match out.len() {
@@ -481,27 +502,35 @@ mod avx512 {
                     }
                 }
 
-                /// Panel `p` of `m` for every row of `rows`, written to `out` (row `i` at
-                /// `out + i·n + 16p`), the epilogue applied in registers.
+                /// Panels `p..p + P` (`P` = `panels`, 1 or 2) of `m` for every row of `rows`,
+                /// written to `out` (row `i` at `out + i·n + 16p`), the epilogue applied in
+                /// registers. Two panels at once share each row's activation broadcast.
                 ///
                 /// # Safety
-                /// The CPU must have the features named in `target_feature`; `p` is a panel of
-                /// `m`; `rows` is consistent (`q`: rows × k4 bytes, `x`: rows × k floats); `out`
-                /// points at `rows × n` writable floats.
+                /// The CPU must have the features named in `target_feature`; the panels
+                /// exist in `m`; `rows` is consistent (`q`: rows × k4 bytes, `x`: rows × k
+                /// floats); `out` points at `rows × n` writable floats.
                 #[target_feature(enable = $features)]
-                pub unsafe fn panel(m: &PackedI8, rows: &Rows, p: usize, out: *mut f32) {
+                pub unsafe fn panels(
+                    m: &PackedI8,
+                    rows: &Rows,
+                    p: usize,
+                    panels: usize,
+                    out: *mut f32,
+                ) {
+                    /// One panel's epilogue for row `r` of the task: `acc` to floats at
+                    /// `out + r·n + 16p`.
                     #[inline]
                     #[target_feature(enable = $features)]
-                    fn block<const R: usize>(
+                    fn finish(
                         m: &PackedI8,
                         rows: &Rows,
                         p: usize,
                         r: usize,
+                        acc: __m512i,
                         out: *mut f32,
                     ) {
-                        let (n, k, k4) = (m.n, m.k, m.k4);
-                        let w = &m.data[p * k4 * NR..][..k4 * NR];
-                        let acc = sums::<R>(&rows.q[r * k4..], k4, w);
+                        let (n, k) = (m.n, m.k);
                         let j0 = p * NR;
                         let cols = NR.min(n - j0);
                         let mask: __mmask16 = ((1u32 << cols) - 1) as u16;
@@ -517,45 +546,75 @@ mod avx512 {
                                 _mm512_maskz_loadu_ps(mask, m.bias.as_ptr().add(j0)),
                             )
                         };
+                        let (sx, zp) = rows.params[r];
+                        let exact =
+                            _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(zp), cs));
+                        let scale = _mm512_mul_ps(_mm512_set1_ps(sx), sw);
+                        let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, bias);
+                        let xr = &rows.x[r * k..][..k];
+                        for (t, &c) in m.outliers.iter().enumerate() {
+                            // SAFETY: as above, columns j0..j0 + cols of outlier row t.
+                            let ow = unsafe {
+                                _mm512_maskz_loadu_ps(mask, m.outlier_w.as_ptr().add(t * n + j0))
+                            };
+                            y = _mm512_fmadd_ps(_mm512_set1_ps(xr[c]), ow, y);
+                        }
+                        // SAFETY: row r of the task's rows, columns j0..j0 + cols: inside the
+                        // caller's `out` (rows × n).
+                        unsafe { _mm512_mask_storeu_ps(out.add(r * n + j0), mask, y) };
+                    }
+
+                    #[inline]
+                    #[target_feature(enable = $features)]
+                    fn block<const R: usize, const P: usize>(
+                        m: &PackedI8,
+                        rows: &Rows,
+                        p: usize,
+                        r: usize,
+                        out: *mut f32,
+                    ) {
+                        let k4 = m.k4;
+                        let w: [&[i8]; P] =
+                            std::array::from_fn(|i| &m.data[(p + i) * k4 * NR..][..k4 * NR]);
+                        // The first tile pulls the next panels towards L2: with one sequence
+                        // each panel serves only a few tiles, and the weights come from L3.
+                        let ahead = m.data.get((p + P) * k4 * NR..).filter(|_| r == 0);
+                        let acc = sums::<R, P>(&rows.q[r * k4..], k4, w, ahead);
                         for (i, a) in acc.iter().enumerate() {
-                            let (sx, zp) = rows.params[r + i];
-                            let exact =
-                                _mm512_sub_epi32(*a, _mm512_mullo_epi32(_mm512_set1_epi32(zp), cs));
-                            let scale = _mm512_mul_ps(_mm512_set1_ps(sx), sw);
-                            let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, bias);
-                            let xr = &rows.x[(r + i) * k..][..k];
-                            for (t, &c) in m.outliers.iter().enumerate() {
-                                // SAFETY: as above, columns j0..j0 + cols of outlier row t.
-                                let ow = unsafe {
-                                    _mm512_maskz_loadu_ps(
-                                        mask,
-                                        m.outlier_w.as_ptr().add(t * n + j0),
-                                    )
-                                };
-                                y = _mm512_fmadd_ps(_mm512_set1_ps(xr[c]), ow, y);
+                            for (j, a) in a.iter().enumerate() {
+                                finish(m, rows, p + j, r + i, *a, out);
                             }
-                            // SAFETY: row r + i of the task's rows, columns j0..j0 + cols: inside
-                            // the caller's `out` (rows × n).
-                            unsafe { _mm512_mask_storeu_ps(out.add((r + i) * n + j0), mask, y) };
                         }
                     }
+
+                    #[inline]
+                    #[target_feature(enable = $features)]
+                    fn run<const P: usize>(m: &PackedI8, rows: &Rows, p: usize, out: *mut f32) {
+                        let nr = rows.params.len();
+                        let mut r = 0;
+                        while r < nr {
+                            let t = MR.min(nr - r);
+                            match t {
+                                8 => block::<8, P>(m, rows, p, r, out),
+                                7 => block::<7, P>(m, rows, p, r, out),
+                                6 => block::<6, P>(m, rows, p, r, out),
+                                5 => block::<5, P>(m, rows, p, r, out),
+                                4 => block::<4, P>(m, rows, p, r, out),
+                                3 => block::<3, P>(m, rows, p, r, out),
+                                2 => block::<2, P>(m, rows, p, r, out),
+                                _ => block::<1, P>(m, rows, p, r, out),
+                            }
+                            r += t;
+                        }
+                    }
+
                     let nr = rows.params.len();
                     assert!(rows.q.len() == nr * m.k4 && rows.x.len() == nr * m.k);
-                    assert!(p < m.n.div_ceil(NR));
-                    let mut r = 0;
-                    while r < nr {
-                        let t = MR.min(nr - r);
-                        match t {
-                            8 => block::<8>(m, rows, p, r, out),
-                            7 => block::<7>(m, rows, p, r, out),
-                            6 => block::<6>(m, rows, p, r, out),
-                            5 => block::<5>(m, rows, p, r, out),
-                            4 => block::<4>(m, rows, p, r, out),
-                            3 => block::<3>(m, rows, p, r, out),
-                            2 => block::<2>(m, rows, p, r, out),
-                            _ => block::<1>(m, rows, p, r, out),
-                        }
-                        r += t;
+                    assert!((1..=2).contains(&panels) && p + panels <= m.n.div_ceil(NR));
+                    if panels == 2 {
+                        run::<2>(m, rows, p, out);
+                    } else {
+                        run::<1>(m, rows, p, out);
                     }
                 }
             }
