@@ -577,54 +577,56 @@ impl Bert {
                 }
             }
             let (qkv_r, kt_r) = (&qkv, &kt);
-            self.pool.for_each_chunk(&mut ctx, ROWS * h, |chunk, out| {
-                let mut scores = Vec::new();
-                let mut rows = out.chunks_exact_mut(h).enumerate().peekable();
-                while let Some((r, out)) = rows.next() {
-                    let t = chunk * ROWS + r;
-                    let si = tokens[t].seq;
-                    let s = &seqs[si];
-                    let stride = s.len.next_multiple_of(8);
-                    scores.resize(2 * stride, 0.0);
-                    let kt = &kt_r[kt_offset[si]..];
-                    let v = &qkv_r[s.start * 3 * h + 2 * h..];
+            self.pool
+                .for_each_chunk(&mut ctx, ATTN_ROWS * h, |chunk, out| {
+                    let mut scores = Vec::new();
+                    // The task's queries, two of the same sequence paired (they share their
+                    // key and value loads): (token, its row in `out`, whether paired).
+                    let first = chunk * ATTN_ROWS;
+                    let count = out.len() / h;
+                    let mut groups = Vec::with_capacity(count);
+                    let mut r = 0;
+                    while r < count {
+                        let t = first + r;
+                        let pair = r + 1 < count && tokens[t + 1].seq == tokens[t].seq;
+                        groups.push((t, r, pair));
+                        r += 1 + usize::from(pair);
+                    }
+                    let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(h).collect();
                     let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
-                    // Two queries of the same sequence share their key and value loads.
-                    let pair = rows.next_if(|(r2, _)| tokens[chunk * ROWS + r2].seq == si);
-                    match pair {
-                        Some((_, out2)) => {
-                            for head in 0..heads {
+                    // Head by head, so one head's keys and values stay in cache for all the
+                    // task's queries.
+                    for head in 0..heads {
+                        for &(t, r, pair) in &groups {
+                            let si = tokens[t].seq;
+                            let s = &seqs[si];
+                            let stride = s.len.next_multiple_of(8);
+                            scores.resize(2 * stride, 0.0);
+                            let kt = &kt_r[kt_offset[si] + head * hd * stride..][..hd * stride];
+                            let v = &qkv_r[s.start * 3 * h + 2 * h + head * hd..];
+                            let (this, rest) = rows[r..].split_at_mut(1);
+                            let out = &mut this[0][head * hd..][..hd];
+                            if pair {
+                                let out2 = &mut rest[0][head * hd..][..hd];
+                                let qs = [q(t, head), q(t + 1, head)];
                                 attend(
-                                    [q(t, head), q(t + 1, head)],
-                                    &kt[head * hd * stride..][..hd * stride],
+                                    qs,
+                                    kt,
                                     stride,
                                     s.len,
-                                    &v[head * hd..],
+                                    v,
                                     3 * h,
                                     scale,
                                     &mut scores,
-                                    [&mut out[head * hd..][..hd], &mut out2[head * hd..][..hd]],
+                                    [out, out2],
                                 );
-                            }
-                        }
-                        None => {
-                            for head in 0..heads {
-                                attend(
-                                    [q(t, head)],
-                                    &kt[head * hd * stride..][..hd * stride],
-                                    stride,
-                                    s.len,
-                                    &v[head * hd..],
-                                    3 * h,
-                                    scale,
-                                    &mut scores,
-                                    [&mut out[head * hd..][..hd]],
-                                );
+                            } else {
+                                let qs = [q(t, head)];
+                                attend(qs, kt, stride, s.len, v, 3 * h, scale, &mut scores, [out]);
                             }
                         }
                     }
-                }
-            });
+                });
             self.record(li, 1, &ctx);
             layer.attn_out.matmul(&ctx, &mut tmp, &self.pool);
             self.norm(&mut tmp, Some(&x), &layer.attn_norm);
@@ -641,8 +643,11 @@ impl Bert {
     }
 }
 
-/// Rows per parallel task in the row-wise steps (attention, LayerNorm, GELU).
+/// Rows per parallel task in the row-wise steps (LayerNorm, GELU).
 const ROWS: usize = 8;
+/// Queries per parallel task in attention (each head's keys and values are read once per
+/// task).
+const ATTN_ROWS: usize = 16;
 
 /// A token that takes part in the computation (attention mask 1).
 struct Token {

@@ -11,7 +11,7 @@
 //!   the head dimension in order, softmax with an 8-lane canonical sum, context summed over
 //!   keys in order.
 
-use super::kernels::{Isa, isa};
+use super::kernels::{Isa, detect, isa};
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
@@ -119,6 +119,77 @@ pub fn attend_scalar(
             acc = scores[j].mul_add(v[j * v_stride + d], acc);
         }
         *o = acc * inv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+
+    /// [`super::avx2::exp8`] sixteen lanes at a time (the same operations per lane).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
+        let x = _mm512_min_ps(x, _mm512_set1_ps(EXP_MAX));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        );
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_P[0]);
+        for c in &EXP_P[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+    }
+
+    /// GELU of sixteen values (the operations of [`super::gelu_scalar`] per lane).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn gelu16(x: __m512) -> __m512 {
+        let sign = _mm512_set1_ps(-0.0);
+        let z = _mm512_mul_ps(
+            _mm512_andnot_ps(sign, x),
+            _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+        );
+        let one = _mm512_set1_ps(1.0);
+        let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(ERF_P), z, one));
+        let mut p = _mm512_set1_ps(ERF_A[4]);
+        for a in ERF_A[..4].iter().rev() {
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(*a));
+        }
+        let p = _mm512_mul_ps(p, t);
+        let e = exp16(_mm512_xor_ps(_mm512_mul_ps(z, z), sign));
+        let erf = _mm512_fnmadd_ps(p, e, one);
+        // erf takes x's sign when x < 0 (x = -0.0 keeps +erf, as the scalar `x < 0.0`).
+        let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+        let erf = _mm512_mask_xor_ps(erf, neg, erf, sign);
+        let h = _mm512_mul_ps(_mm512_set1_ps(0.5), x);
+        _mm512_fmadd_ps(h, erf, h)
+    }
+
+    /// GELU in place.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub fn gelu(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in &mut chunks {
+            // SAFETY: `c` is exactly 16 floats.
+            unsafe { _mm512_storeu_ps(c.as_mut_ptr(), gelu16(_mm512_loadu_ps(c.as_ptr()))) };
+        }
+        for v in chunks.into_remainder() {
+            *v = gelu_scalar(*v);
+        }
     }
 }
 
@@ -388,9 +459,21 @@ pub fn exp(x: &mut [f32]) {
 
 /// GELU (erf form) in place, on the selected ISA.
 pub fn gelu(x: &mut [f32]) {
+    gelu_at(isa(), x);
+}
+
+/// [`gelu`] on the given ISA level (at most the CPU's).
+fn gelu_at(level: Isa, x: &mut [f32]) {
+    assert!(level <= detect(), "{level:?} is beyond this CPU");
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2 {
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA.
+    if level >= Isa::Avx512 {
+        // SAFETY: the level is at most the CPU's (asserted): it has AVX-512 F and DQ.
+        unsafe { avx512::gelu(x) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= Isa::Avx2 {
+        // SAFETY: the level is at most the CPU's (asserted): it has AVX2 and FMA.
         unsafe { avx2::gelu(x) };
         return;
     }
@@ -429,8 +512,25 @@ pub fn attend<const Q: usize>(
     }
 }
 
+/// `Σ f(row[i])` in f64 in a fixed order: four partial sums (sum `l` takes the elements
+/// `i ≡ l mod 4`, in order), added as `(s0 + s2) + (s1 + s3)`. Independent sums, unlike one
+/// running sum, do not wait on each other's additions.
+fn sum4(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut s = [0f64; 4];
+    let mut chunks = row.chunks_exact(4);
+    for c in &mut chunks {
+        for (s, &v) in s.iter_mut().zip(c) {
+            *s += f(v as f64);
+        }
+    }
+    for (s, &v) in s.iter_mut().zip(chunks.remainder()) {
+        *s += f(v as f64);
+    }
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
 /// LayerNorm of each `gamma.len()`-wide row of `x + residual`, written to `x`:
-/// `(y - mean) / sqrt(var + eps) * gamma + beta`, statistics in f64 summed in order.
+/// `(y - mean) / sqrt(var + eps) * gamma + beta`, statistics in f64 (see [`sum4`]).
 pub fn add_layer_norm(
     x: &mut [f32],
     residual: Option<&[f32]>,
@@ -445,8 +545,8 @@ pub fn add_layer_norm(
         }
     }
     for row in x.chunks_exact_mut(width) {
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+        let mean = sum4(row, |v| v) / width as f64;
+        let var = sum4(row, |v| (v - mean) * (v - mean)) / width as f64;
         let inv = 1.0 / (var + eps as f64).sqrt();
         for (i, v) in row.iter_mut().enumerate() {
             *v = ((*v as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
@@ -517,14 +617,19 @@ mod tests {
     proptest! {
         #[test]
         fn simd_exp_and_gelu_match_the_scalar_reference(
-            x in proptest::collection::vec(prop_oneof![-100f32..100f32, -3f32..3f32, Just(0.0f32), Just(-0.0f32)], 0..40)
+            x in proptest::collection::vec(prop_oneof![-100f32..100f32, -3f32..3f32, Just(0.0f32), Just(-0.0f32)], 0..70)
         ) {
             let mut e = x.clone();
             exp(&mut e);
             prop_assert_eq!(bits(&e), bits(&x.iter().map(|&v| exp_scalar(v)).collect::<Vec<_>>()));
-            let mut g = x.clone();
-            gelu(&mut g);
-            prop_assert_eq!(bits(&g), bits(&x.iter().map(|&v| gelu_scalar(v)).collect::<Vec<_>>()));
+            let want = bits(&x.iter().map(|&v| gelu_scalar(v)).collect::<Vec<_>>());
+            for level in [Isa::Avx2, Isa::Avx512] {
+                if level <= detect() {
+                    let mut g = x.clone();
+                    gelu_at(level, &mut g);
+                    prop_assert_eq!(bits(&g), want.clone(), "{:?}", level);
+                }
+            }
         }
 
         #[test]
