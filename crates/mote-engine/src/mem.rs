@@ -48,7 +48,14 @@ mod tests {
         let block = vec![1u8; 64 << 20];
         std::hint::black_box(&block);
         assert!(rss_kib() >= before + 32 * 1024, "64 MiB touched");
-        assert!(peak_rss_kib() >= rss_kib());
-        assert_eq!(rss_kib_of(std::process::id()) / 1024, rss_kib() / 1024);
+        // Other tests' threads allocate meanwhile under `cargo test`: read the peak (which
+        // only grows) after the current value, and compare the two readers loosely.
+        let now = rss_kib();
+        assert!(peak_rss_kib() >= now);
+        let by_pid = rss_kib_of(std::process::id());
+        assert!(
+            by_pid.abs_diff(rss_kib()) < 16 * 1024,
+            "{by_pid} KiB by pid"
+        );
     }
 }
