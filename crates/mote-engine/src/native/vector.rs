@@ -179,6 +179,157 @@ mod avx512 {
         _mm512_fmadd_ps(h, erf, h)
     }
 
+    /// [`super::avx2::attend`] with 512-bit registers: scores 16 keys per register (the last
+    /// 8 masked), the AVX2 path's softmax, context 16 dimensions per register; each score and
+    /// each context element is the same chain of operations, so the same bits.
+    /// Requires `hd % 16 == 0`, `stride ≥ len` rounded up to 8, and `scores` of `Q` such rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub fn attend<const Q: usize>(
+        qs: [&[f32]; Q],
+        kt: &[f32],
+        stride: usize,
+        len: usize,
+        v: &[f32],
+        v_stride: usize,
+        scale: f32,
+        scores: &mut [f32],
+        mut outs: [&mut [f32]; Q],
+    ) {
+        let hd = qs[0].len();
+        let l8 = len.next_multiple_of(8);
+        assert!(
+            len > 0 && hd.is_multiple_of(16) && stride >= l8 && kt.len() >= (hd - 1) * stride + l8
+        );
+        assert!(qs.iter().all(|q| q.len() == hd) && outs.iter().all(|o| o.len() == hd));
+        assert!(scores.len() >= Q * l8 && v.len() >= (len - 1) * v_stride + hd);
+        let scale_v = _mm512_set1_ps(scale);
+        let mut j = 0;
+        while j < l8 {
+            match l8 - j {
+                64.. => {
+                    scores16::<Q, 4>(&qs, kt, stride, j, l8, scale_v, scores, 0xFFFF);
+                    j += 64;
+                }
+                16.. => {
+                    scores16::<Q, 1>(&qs, kt, stride, j, l8, scale_v, scores, 0xFFFF);
+                    j += 16;
+                }
+                _ => {
+                    scores16::<Q, 1>(&qs, kt, stride, j, l8, scale_v, scores, 0x00FF);
+                    j += 8;
+                }
+            }
+        }
+        let inv = super::avx2::softmax_rows::<Q>(scores, l8, len).map(|i| _mm512_set1_ps(i));
+        let mut d0 = 0;
+        while d0 < hd {
+            let n = match (hd - d0) / 16 {
+                1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            };
+            match n {
+                1 => context16::<Q, 1>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                2 => context16::<Q, 2>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                _ => context16::<Q, 4>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+            }
+            d0 += 16 * n;
+        }
+    }
+
+    /// Scores of keys `j..j + 16N` (the last register's lanes limited by `mask`) for every
+    /// query, summed over the head dimension in order.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn scores16<const Q: usize, const N: usize>(
+        qs: &[&[f32]; Q],
+        kt: &[f32],
+        stride: usize,
+        j: usize,
+        l8: usize,
+        scale: __m512,
+        scores: &mut [f32],
+        mask: __mmask16,
+    ) {
+        let hd = qs[0].len();
+        let span = 16 * (N - 1) + mask.count_ones() as usize;
+        assert!(j + span <= stride && kt.len() >= (hd - 1) * stride + j + span);
+        assert!(scores.len() >= (Q - 1) * l8 + j + span && j + span <= l8);
+        // Full registers but the last, which takes `mask`'s lanes.
+        let lanes = |c: usize| if c + 1 == N { mask } else { 0xFFFF };
+        let mut acc = [[_mm512_setzero_ps(); N]; Q];
+        for d in 0..hd {
+            let mut k = [_mm512_setzero_ps(); N];
+            for (c, k) in k.iter_mut().enumerate() {
+                // SAFETY: the lanes read are below d * stride + j + span <= kt.len().
+                *k = unsafe {
+                    _mm512_maskz_loadu_ps(lanes(c), kt.as_ptr().add(d * stride + j + 16 * c))
+                };
+            }
+            for (q, acc) in qs.iter().zip(acc.iter_mut()) {
+                let qd = _mm512_set1_ps(q[d]);
+                for (a, k) in acc.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(qd, *k, *a);
+                }
+            }
+        }
+        for (qi, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: the lanes written are below qi * l8 + j + span <= scores.len().
+                unsafe {
+                    _mm512_mask_storeu_ps(
+                        scores.as_mut_ptr().add(qi * l8 + j + 16 * c),
+                        lanes(c),
+                        _mm512_mul_ps(*a, scale),
+                    )
+                };
+            }
+        }
+    }
+
+    /// Dimensions `d0..d0 + 16N` of every query's context, summed over keys in order.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn context16<const Q: usize, const N: usize>(
+        scores: &[f32],
+        l8: usize,
+        len: usize,
+        v: &[f32],
+        v_stride: usize,
+        d0: usize,
+        inv: &[__m512; Q],
+        outs: &mut [&mut [f32]; Q],
+    ) {
+        assert!(scores.len() >= (Q - 1) * l8 + len);
+        assert!(v.len() >= (len - 1) * v_stride + d0 + 16 * N);
+        assert!(outs.iter().all(|o| o.len() >= d0 + 16 * N));
+        let mut acc = [[_mm512_setzero_ps(); N]; Q];
+        for jj in 0..len {
+            let mut vv = [_mm512_setzero_ps(); N];
+            for (c, vv) in vv.iter_mut().enumerate() {
+                // SAFETY: jj * v_stride + d0 + 16c + 16 <= (len-1)*v_stride + d0 + 16N <= v.len().
+                *vv = unsafe { _mm512_loadu_ps(v.as_ptr().add(jj * v_stride + d0 + 16 * c)) };
+            }
+            for (qi, acc) in acc.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(scores[qi * l8 + jj]);
+                for (a, vv) in acc.iter_mut().zip(&vv) {
+                    *a = _mm512_fmadd_ps(p, *vv, *a);
+                }
+            }
+        }
+        for ((acc, out), inv) in acc.iter().zip(outs.iter_mut()).zip(inv) {
+            for (c, a) in acc.iter().enumerate() {
+                // SAFETY: d0 + 16c + 16 <= out.len() (asserted).
+                unsafe {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(d0 + 16 * c), _mm512_mul_ps(*a, *inv))
+                };
+            }
+        }
+    }
+
     /// GELU in place.
     #[target_feature(enable = "avx512f,avx512dq")]
     pub fn gelu(x: &mut [f32]) {
@@ -297,8 +448,32 @@ mod avx2 {
                 j += 8;
             }
         }
-        // Softmax numerators (exp(s - max), zero past `len`) and their inverse sums.
-        let mut inv = [_mm256_setzero_ps(); Q];
+        let inv = softmax_rows::<Q>(scores, l8, len).map(|i| _mm256_set1_ps(i));
+        // Context: per (query, dimension) the keys are summed in order; up to 32 dimensions
+        // of every query at once.
+        let mut d0 = 0;
+        while d0 < hd {
+            let n = match (hd - d0) / 8 {
+                1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            };
+            match n {
+                1 => context_block::<Q, 1>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                2 => context_block::<Q, 2>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+                _ => context_block::<Q, 4>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
+            }
+            d0 += 8 * n;
+        }
+    }
+
+    /// The softmax numerators of `Q` score rows (row `i` at `scores[i·l8..]`, `len` valid
+    /// scores, `l8` = `len` rounded up to 8): `exp(s − max)` in place, zero past `len`; returns
+    /// each row's inverse sum (summed in 8 lanes, reduced in the canonical order).
+    #[target_feature(enable = "avx2,fma")]
+    pub fn softmax_rows<const Q: usize>(scores: &mut [f32], l8: usize, len: usize) -> [f32; Q] {
+        assert!(len > 0 && l8 == len.next_multiple_of(8) && scores.len() >= Q * l8);
+        let mut inv = [0f32; Q];
         let full = len / 8;
         for (qi, inv) in inv.iter_mut().enumerate() {
             let row = &mut scores[qi * l8..][..l8];
@@ -334,24 +509,9 @@ mod avx2 {
             }
             // SAFETY: `lanes` holds 8 floats.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-            *inv = _mm256_set1_ps(1.0 / reduce8(&lanes));
+            *inv = 1.0 / reduce8(&lanes);
         }
-        // Context: per (query, dimension) the keys are summed in order; up to 32 dimensions
-        // of every query at once.
-        let mut d0 = 0;
-        while d0 < hd {
-            let n = match (hd - d0) / 8 {
-                1 => 1,
-                2 | 3 => 2,
-                _ => 4,
-            };
-            match n {
-                1 => context_block::<Q, 1>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
-                2 => context_block::<Q, 2>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
-                _ => context_block::<Q, 4>(scores, l8, len, v, v_stride, d0, &inv, &mut outs),
-            }
-            d0 += 8 * n;
-        }
+        inv
     }
 
     /// Scores of keys `j..j + 8N` for every query, summed over the head dimension in order.
@@ -495,15 +655,41 @@ pub fn attend<const Q: usize>(
     scores: &mut [f32],
     outs: [&mut [f32]; Q],
 ) {
+    attend_at(isa(), qs, kt, stride, len, v, v_stride, scale, scores, outs);
+}
+
+/// [`attend`] on the given ISA level (at most the CPU's).
+#[allow(clippy::too_many_arguments)]
+fn attend_at<const Q: usize>(
+    level: Isa,
+    qs: [&[f32]; Q],
+    kt: &[f32],
+    stride: usize,
+    len: usize,
+    v: &[f32],
+    v_stride: usize,
+    scale: f32,
+    scores: &mut [f32],
+    outs: [&mut [f32]; Q],
+) {
+    assert!(level <= detect(), "{level:?} is beyond this CPU");
+    let fits = |lanes: usize| {
+        len > 0
+            && qs[0].len().is_multiple_of(lanes)
+            && stride >= len.next_multiple_of(8)
+            && scores.len() >= Q * len.next_multiple_of(8)
+    };
     #[cfg(target_arch = "x86_64")]
-    if isa() >= Isa::Avx2
-        && len > 0
-        && qs[0].len().is_multiple_of(8)
-        && stride >= len.next_multiple_of(8)
-        && scores.len() >= Q * len.next_multiple_of(8)
-    {
-        // SAFETY: isa() returns Avx2 only when the CPU has AVX2 and FMA; the kernel asserts
-        // the slice bounds it relies on.
+    if level >= Isa::Avx512 && fits(16) {
+        // SAFETY: the level is at most the CPU's (asserted): it has AVX-512F, AVX2 and FMA;
+        // the kernel asserts the slice bounds it relies on.
+        unsafe { avx512::attend::<Q>(qs, kt, stride, len, v, v_stride, scale, scores, outs) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= Isa::Avx2 && fits(8) {
+        // SAFETY: the level is at most the CPU's (asserted): it has AVX2 and FMA; the kernel
+        // asserts the slice bounds it relies on.
         unsafe { avx2::attend::<Q>(qs, kt, stride, len, v, v_stride, scale, scores, outs) };
         return;
     }
@@ -648,17 +834,24 @@ mod tests {
             let mut s2 = vec![0f32; stride];
             let mut o1 = vec![0f32; hd];
             let mut o2 = vec![0f32; hd];
-            attend([&q[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s1, [&mut o1[..]]);
             attend_scalar(&q, &kt, stride, len, &v, v_stride, 0.3, &mut s2, &mut o2);
-            prop_assert_eq!(bits(&o1), bits(&o2));
-            // Two queries at once: each gets what it gets alone.
             let q2: Vec<f32> = q.iter().map(|x| x * -0.7).collect();
-            let (mut p1, mut p2) = (vec![0f32; hd], vec![0f32; hd]);
-            let mut s3 = vec![0f32; 2 * stride];
-            attend([&q[..], &q2[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s3, [&mut p1[..], &mut p2[..]]);
-            prop_assert_eq!(bits(&p1), bits(&o2));
-            attend_scalar(&q2, &kt, stride, len, &v, v_stride, 0.3, &mut s2, &mut o2);
-            prop_assert_eq!(bits(&p2), bits(&o2));
+            let mut o3 = vec![0f32; hd];
+            attend_scalar(&q2, &kt, stride, len, &v, v_stride, 0.3, &mut s2, &mut o3);
+            // Every level this CPU has (AVX-512 takes head widths of 16k; 8k fall back).
+            for level in [Isa::Avx2, Isa::Avx512] {
+                if level > detect() {
+                    continue;
+                }
+                attend_at(level, [&q[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s1, [&mut o1[..]]);
+                prop_assert_eq!(bits(&o1), bits(&o2), "{:?}", level);
+                // Two queries at once: each gets what it gets alone.
+                let (mut p1, mut p2) = (vec![0f32; hd], vec![0f32; hd]);
+                let mut s3 = vec![0f32; 2 * stride];
+                attend_at(level, [&q[..], &q2[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s3, [&mut p1[..], &mut p2[..]]);
+                prop_assert_eq!(bits(&p1), bits(&o2), "{:?}", level);
+                prop_assert_eq!(bits(&p2), bits(&o3), "{:?}", level);
+            }
             // And it is attention: a convex combination of the values.
             for d in 0..hd {
                 let lo = (0..len).map(|j| v[j * v_stride + d]).fold(f32::INFINITY, f32::min);
