@@ -580,49 +580,75 @@ impl Bert {
             self.pool
                 .for_each_chunk(&mut ctx, ATTN_ROWS * h, |chunk, out| {
                     let mut scores = Vec::new();
-                    // The task's queries, two of the same sequence paired (they share their
-                    // key and value loads): (token, its row in `out`, whether paired).
+                    // The task's queries in groups of up to four consecutive ones of the same
+                    // sequence (they share their key and value loads): (token, its row in
+                    // `out`, group size).
                     let first = chunk * ATTN_ROWS;
                     let count = out.len() / h;
                     let mut groups = Vec::with_capacity(count);
                     let mut r = 0;
                     while r < count {
                         let t = first + r;
-                        let pair = r + 1 < count && tokens[t + 1].seq == tokens[t].seq;
-                        groups.push((t, r, pair));
-                        r += 1 + usize::from(pair);
+                        let mut g = 1;
+                        while g < 4 && r + g < count && tokens[t + g].seq == tokens[t].seq {
+                            g += 1;
+                        }
+                        groups.push((t, r, g));
+                        r += g;
                     }
                     let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(h).collect();
                     let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
                     // Head by head, so one head's keys and values stay in cache for all the
                     // task's queries.
                     for head in 0..heads {
-                        for &(t, r, pair) in &groups {
+                        for &(t, r, g) in &groups {
                             let si = tokens[t].seq;
                             let s = &seqs[si];
                             let stride = s.len.next_multiple_of(8);
-                            scores.resize(2 * stride, 0.0);
+                            scores.resize(4 * stride, 0.0);
                             let kt = &kt_r[kt_offset[si] + head * hd * stride..][..hd * stride];
                             let v = &qkv_r[s.start * 3 * h + 2 * h + head * hd..];
-                            let (this, rest) = rows[r..].split_at_mut(1);
-                            let out = &mut this[0][head * hd..][..hd];
-                            if pair {
-                                let out2 = &mut rest[0][head * hd..][..hd];
-                                let qs = [q(t, head), q(t + 1, head)];
-                                attend(
-                                    qs,
+                            let mut outs =
+                                rows[r..r + g].iter_mut().map(|o| &mut o[head * hd..][..hd]);
+                            let mut o = || outs.next().expect("a row per query");
+                            let sc = &mut scores;
+                            let q = |i: usize| q(t + i, head);
+                            let (len, vs) = (s.len, 3 * h);
+                            match g {
+                                4 => attend(
+                                    [q(0), q(1), q(2), q(3)],
                                     kt,
                                     stride,
-                                    s.len,
+                                    len,
                                     v,
-                                    3 * h,
+                                    vs,
                                     scale,
-                                    &mut scores,
-                                    [out, out2],
-                                );
-                            } else {
-                                let qs = [q(t, head)];
-                                attend(qs, kt, stride, s.len, v, 3 * h, scale, &mut scores, [out]);
+                                    sc,
+                                    [o(), o(), o(), o()],
+                                ),
+                                3 => attend(
+                                    [q(0), q(1), q(2)],
+                                    kt,
+                                    stride,
+                                    len,
+                                    v,
+                                    vs,
+                                    scale,
+                                    sc,
+                                    [o(), o(), o()],
+                                ),
+                                2 => attend(
+                                    [q(0), q(1)],
+                                    kt,
+                                    stride,
+                                    len,
+                                    v,
+                                    vs,
+                                    scale,
+                                    sc,
+                                    [o(), o()],
+                                ),
+                                _ => attend([q(0)], kt, stride, len, v, vs, scale, sc, [o()]),
                             }
                         }
                     }

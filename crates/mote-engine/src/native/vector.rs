@@ -640,7 +640,7 @@ fn gelu_at(level: Isa, x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = gelu_scalar(*v));
 }
 
-/// Attention of `Q` (1 or 2) queries of one sequence over one head on the selected ISA (see
+/// Attention of `Q` (1 to 4) queries of one sequence over one head on the selected ISA (see
 /// [`attend_scalar`] for the arguments; `scores` holds `Q` rows of `stride`). The same bits
 /// on every path and for any grouping of queries.
 #[allow(clippy::too_many_arguments)]
@@ -688,9 +688,21 @@ fn attend_at<const Q: usize>(
     }
     #[cfg(target_arch = "x86_64")]
     if level >= Isa::Avx2 && fits(8) {
-        // SAFETY: the level is at most the CPU's (asserted): it has AVX2 and FMA; the kernel
-        // asserts the slice bounds it relies on.
-        unsafe { avx2::attend::<Q>(qs, kt, stride, len, v, v_stride, scale, scores, outs) };
+        // Two queries at a time at most: more accumulators than AVX2's 16 registers hold.
+        let mut outs = outs.into_iter();
+        for qs in qs.chunks(2) {
+            let o1 = outs.next().expect("an output per query");
+            // SAFETY (both calls): the level is at most the CPU's (asserted): it has AVX2 and
+            // FMA; the kernel asserts the slice bounds it relies on.
+            if let [a, b] = *qs {
+                let o2 = outs.next().expect("an output per query");
+                let (qs, os) = ([a, b], [o1, o2]);
+                unsafe { avx2::attend::<2>(qs, kt, stride, len, v, v_stride, scale, scores, os) };
+            } else {
+                let (qs, os) = ([qs[0]], [o1]);
+                unsafe { avx2::attend::<1>(qs, kt, stride, len, v, v_stride, scale, scores, os) };
+            }
+        }
         return;
     }
     for (q, out) in qs.into_iter().zip(outs) {
@@ -851,6 +863,14 @@ mod tests {
                 attend_at(level, [&q[..], &q2[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s3, [&mut p1[..], &mut p2[..]]);
                 prop_assert_eq!(bits(&p1), bits(&o2), "{:?}", level);
                 prop_assert_eq!(bits(&p2), bits(&o3), "{:?}", level);
+                // Four at once (AVX2 takes them in pairs).
+                let mut four = vec![vec![0f32; hd]; 4];
+                let mut s4 = vec![0f32; 4 * stride];
+                let [f0, f1, f2, f3] = &mut four[..] else { unreachable!() };
+                attend_at(level, [&q[..], &q2[..], &q2[..], &q[..]], &kt, stride, len, &v, v_stride, 0.3, &mut s4, [&mut f0[..], &mut f1[..], &mut f2[..], &mut f3[..]]);
+                for (f, want) in four.iter().zip([&o2, &o3, &o3, &o2]) {
+                    prop_assert_eq!(bits(f), bits(want), "{:?}", level);
+                }
             }
             // And it is attention: a convex combination of the values.
             for d in 0..hd {
