@@ -1,15 +1,17 @@
 //! Element-wise and attention kernels of the native encoder, in f32, with a scalar reference
-//! and an AVX2 path that perform exactly the same IEEE operations in the same order (same
-//! polynomial, same fused multiply-adds, same rounding of `n` in `exp`), so every ISA level
-//! gives the same bits. Proptests below hold each SIMD kernel to its scalar reference.
+//! and AVX2 and AVX-512 paths that perform exactly the same IEEE operations in the same
+//! order per element (same polynomial, same fused multiply-adds, same rounding of `n` in
+//! `exp`), so every ISA level gives the same bits. Proptests below hold each SIMD kernel to
+//! its scalar reference on every level the CPU has.
 //!
 //! - [`exp`]: Cody–Waite reduction + degree-6 polynomial (Cephes `expf` coefficients),
 //!   inputs clamped to [-87, 88] (results below `exp(-87)` flush to that value's range).
 //! - [`gelu`]: `0.5·x·(1 + erf(x/√2))` with Abramowitz–Stegun 7.1.26 for erf
 //!   (|error| ≤ 1.5e-7 in exact arithmetic).
-//! - [`attend`]: one query's scaled dot-product attention over one head: scores summed over
-//!   the head dimension in order, softmax with an 8-lane canonical sum, context summed over
-//!   keys in order.
+//! - [`attend`]: up to four queries' scaled dot-product attention over one head: scores
+//!   summed over the head dimension in order, softmax with an 8-lane canonical sum, context
+//!   summed over keys in order.
+//! - [`add_layer_norm`]: statistics in f64, four partial sums in a fixed order.
 
 use super::kernels::{Isa, detect, isa};
 
