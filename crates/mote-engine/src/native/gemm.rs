@@ -209,12 +209,12 @@ fn tile_kernel(
     if level >= Isa::Avx512 {
         let xs = &x[r * k + k0..];
         let a = ahead.filter(|a| a.len() >= kc * NR);
-        // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX-512F;
-        // the bounds the kernel reads are asserted above (m rows of stride k from xs,
-        // kc × 16 of w, and of `ahead` when given).
         let written = finish.is_some();
         let f = finish.as_ref();
-        // SAFETY: as above; `finish`'s rows are the caller's to write (contract above).
+        // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX-512F;
+        // the bounds the kernel reads are asserted above (m rows of stride k from xs,
+        // kc × 16 of w, and of `ahead` when given); `finish`'s rows are the caller's to
+        // write (contract above).
         unsafe {
             use avx512::tile;
             match (m, a) {

@@ -423,11 +423,12 @@ fn tile_scalar(x: &[u8], k4: usize, w: &[i8], sums: &mut [[i32; NR]]) {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
 
-    /// Defines `$tiles` (integer sums of up to [`MR`] rows × 16 columns into `sums`) and
-    /// `$panel` (a whole panel for a task's rows, with the epilogue fused), one 512-bit
-    /// register of i32 sums per row, `$step(acc, x broadcast, w)` per row and group of four
-    /// `k`. Both steps below give the same exact integer sums, and the epilogue is the
-    /// canonical one ([`super::finish_row`]) sixteen columns at a time.
+    /// Defines module `$module` with `tiles` (integer sums of up to [`MR`] rows × 16 columns
+    /// into `sums`; the tile test holds them to the scalar sums) and `panels` (one or two panels for a
+    /// task's rows, with the epilogue fused), one 512-bit register of i32 sums per row and
+    /// panel, `$step(acc, x broadcast, w)` per row and group of four `k`. Both steps below
+    /// give the same exact integer sums, and the epilogue is the canonical one
+    /// ([`super::finish_row`]) sixteen columns at a time.
     macro_rules! kernels {
         ($module:ident, $features:literal, $step:expr) => {
             pub mod $module {

@@ -25,8 +25,13 @@ pub enum Isa {
 /// for tests and benchmarks.
 pub const MOTE_ISA: &str = "MOTE_ISA";
 
-/// The best level this CPU supports.
+/// The best level this CPU supports (probed once; the kernels' level checks call this).
 pub fn detect() -> Isa {
+    static BEST: OnceLock<Isa> = OnceLock::new();
+    *BEST.get_or_init(probe)
+}
+
+fn probe() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2")
