@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use std::sync::Mutex;
 
-use super::gemm::Packed;
+use super::gemm::{Act, Packed};
 use super::int8::PackedI8;
 use super::vector::{add_layer_norm, attend, gelu};
 use crate::backend::{Backend, TensorSpec};
@@ -172,6 +172,18 @@ impl Proj {
         match self {
             Proj::F32(p) => p.matmul(x, out, pool),
             Proj::I8(p) => p.matmul(x, out, pool),
+        }
+    }
+
+    /// `out = GELU(x · Wᵀ + b)`: fused into the float product's tiles; the int8 product
+    /// applies it in a second pass over `out`, rows in parallel.
+    fn matmul_gelu(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+        match self {
+            Proj::F32(p) => p.matmul_act(x, out, pool, Act::Gelu),
+            Proj::I8(p) => {
+                p.matmul(x, out, pool);
+                pool.for_each_chunk(out, ROWS * p.n(), |_, c| gelu(c));
+            }
         }
     }
 
@@ -535,6 +547,37 @@ impl Bert {
         });
     }
 
+    /// Copy every sequence's keys (the middle third of each `qkv` row) into `kt`, transposed
+    /// per (sequence, head): `hd` rows of the sequence length rounded up to 8. In parallel
+    /// over (sequence, head) blocks, 16 tokens at a time (16 reads of a row's head slice,
+    /// then contiguous writes).
+    fn transpose_keys(&self, qkv: &[f32], seqs: &[Seq], kt: &mut [f32]) {
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let hd = h / heads;
+        let mut blocks = Vec::with_capacity(seqs.len() * heads);
+        let mut rest = kt;
+        for s in seqs {
+            for head in 0..heads {
+                let (block, tail) = rest.split_at_mut(hd * s.len.next_multiple_of(8));
+                blocks.push((s, head, block));
+                rest = tail;
+            }
+        }
+        self.pool.map(blocks, |(s, head, block)| {
+            let stride = s.len.next_multiple_of(8);
+            for j0 in (0..s.len).step_by(16) {
+                let tokens = j0..(j0 + 16).min(s.len);
+                for d in 0..hd {
+                    let row = &mut block[d * stride..][tokens.clone()];
+                    for (t, v) in tokens.clone().zip(row) {
+                        *v = qkv[(s.start + t) * 3 * h + h + head * hd + d];
+                    }
+                }
+            }
+        });
+    }
+
     /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`.
     /// Matrix products run over all tokens at once; attention stays within each sequence.
     fn encode(&self, tokens: &[Token], seqs: &[Seq]) -> Vec<f32> {
@@ -566,16 +609,7 @@ impl Bert {
         for (li, layer) in self.layers.iter().enumerate() {
             self.record(li, 0, &x);
             layer.qkv.matmul(&x, &mut qkv, &self.pool);
-            for (s, &base) in seqs.iter().zip(&kt_offset) {
-                let stride = s.len.next_multiple_of(8);
-                for j in 0..s.len {
-                    let key = &qkv[(s.start + j) * 3 * h + h..][..h];
-                    for (c, &kv) in key.iter().enumerate() {
-                        // column c = head * hd + d  →  row (head, d) of the head's block
-                        kt[base + c * stride + j] = kv;
-                    }
-                }
-            }
+            self.transpose_keys(&qkv, seqs, &mut kt);
             let (qkv_r, kt_r) = (&qkv, &kt);
             self.pool
                 .for_each_chunk(&mut ctx, ATTN_ROWS * h, |chunk, out| {
@@ -657,10 +691,7 @@ impl Bert {
             layer.attn_out.matmul(&ctx, &mut tmp, &self.pool);
             self.norm(&mut tmp, Some(&x), &layer.attn_norm);
             self.record(li, 2, &tmp);
-            layer.ffn_in.matmul(&tmp, &mut ffn, &self.pool);
-            let width = self.config.intermediate_size;
-            self.pool
-                .for_each_chunk(&mut ffn, ROWS * width, |_, c| gelu(c));
+            layer.ffn_in.matmul_gelu(&tmp, &mut ffn, &self.pool);
             self.record(li, 3, &ffn);
             layer.ffn_out.matmul(&ffn, &mut x, &self.pool);
             self.norm(&mut x, Some(&tmp), &layer.ffn_norm);

@@ -13,6 +13,7 @@
 //! of the batch, or on the ISA level.
 
 use super::kernels::{Isa, detect, isa};
+use super::vector::gelu_at;
 use crate::threads::ThreadPool;
 
 /// Output columns per panel.
@@ -69,12 +70,19 @@ impl Packed {
 
     /// `out = x · Wᵀ + b` for `x: [rows, k]`, `out: [rows, n]`, on `pool`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
-        self.matmul_at(isa(), x, out, pool);
+        self.matmul_at(isa(), x, out, pool, Act::Identity);
     }
 
-    /// [`Packed::matmul`] on the given ISA level (at most what the CPU has): the same bits
-    /// on every level.
-    fn matmul_at(&self, level: Isa, x: &[f32], out: &mut [f32], pool: &ThreadPool) {
+    /// `out = act(x · Wᵀ + b)`: [`Packed::matmul`] with the activation applied as each tile
+    /// is written (the same bits as applying it afterwards, without a second pass over
+    /// `out`).
+    pub fn matmul_act(&self, x: &[f32], out: &mut [f32], pool: &ThreadPool, act: Act) {
+        self.matmul_at(isa(), x, out, pool, act);
+    }
+
+    /// [`Packed::matmul_act`] on the given ISA level (at most what the CPU has): the same
+    /// bits on every level.
+    fn matmul_at(&self, level: Isa, x: &[f32], out: &mut [f32], pool: &ThreadPool, act: Act) {
         assert!(level <= detect(), "{level:?} is beyond this CPU");
         let (n, k) = (self.n, self.k);
         assert!(k > 0 && x.len().is_multiple_of(k), "input shape");
@@ -115,6 +123,7 @@ impl Packed {
                             n,
                             cols,
                             bias: &self.bias[j0..j0 + cols],
+                            act,
                         });
                         written = tile_kernel(level, xs, r, k, slice, ahead, m, sums, finish);
                         r += m;
@@ -130,6 +139,9 @@ impl Packed {
                         unsafe { std::slice::from_raw_parts_mut(dst.at((r0 + i) * n + j0), cols) };
                     for ((d, s), b) in row.iter_mut().zip(s).zip(&self.bias[j0..]) {
                         *d = s + b;
+                    }
+                    if act == Act::Gelu {
+                        gelu_at(level, row);
                     }
                 }
             }
@@ -172,13 +184,23 @@ impl OutPtr {
     }
 }
 
-/// Where a tile of the last k slice may write its rows: `sums + bias` for `cols` columns,
-/// row `i` at `out + i·n` (the epilogue of [`Packed::matmul`], same operations).
+/// An activation applied to a product's outputs as they are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// None: `x · Wᵀ + b`.
+    Identity,
+    /// GELU (erf form), [`super::vector::gelu`]'s operations.
+    Gelu,
+}
+
+/// Where a tile of the last k slice may write its rows: `act(sums + bias)` for `cols`
+/// columns, row `i` at `out + i·n` (the epilogue of [`Packed::matmul_act`], same operations).
 struct Finish<'a> {
     out: *mut f32,
     n: usize,
     cols: usize,
     bias: &'a [f32],
+    act: Act,
 }
 
 /// One tile: rows `r..r + m` (m ≤ 12) of `x` (rows of `k`), steps `k0..k0 + kc`, against
@@ -280,7 +302,8 @@ pub fn dot_sequential(x: &[f32], w: &[f32]) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Finish, MR, NR};
+    use super::super::vector::avx512::gelu16;
+    use super::{Act, Finish, MR, NR};
 
     /// `R` rows × 16 columns, one 512-bit register of sums per row, continuing from `sums`
     /// unless `fresh`: per step one load of the panel's 16 weights and one broadcast
@@ -290,11 +313,11 @@ mod avx512 {
     /// With `finish`, the sums plus bias go to its rows instead of `sums`.
     ///
     /// # Safety
-    /// AVX-512F must be available; `x.len() >= (R - 1) * k + kc`, `w.len() >= kc * 16`,
+    /// AVX-512F and DQ must be available; `x.len() >= (R - 1) * k + kc`, `w.len() >= kc * 16`,
     /// `ahead.len() >= kc * 16` with `PREFETCH`, `sums.len() == R`; `finish`, if given,
     /// points at `R` writable rows of `cols ≤ 16` floats, `n` apart.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512dq")]
     pub unsafe fn tile<const R: usize, const PREFETCH: bool>(
         x: &[f32],
         k: usize,
@@ -333,8 +356,10 @@ mod avx512 {
             // SAFETY: the masked load reads the bias's `cols` floats only.
             let bias = unsafe { _mm512_maskz_loadu_ps(mask, f.bias.as_ptr()) };
             for (i, a) in acc.iter().enumerate() {
+                let y = _mm512_add_ps(*a, bias);
+                let y = if f.act == Act::Gelu { gelu16(y) } else { y };
                 // SAFETY: row i of the R rows `finish` points at, its `cols` columns.
-                unsafe { _mm512_mask_storeu_ps(f.out.add(i * f.n), mask, _mm512_add_ps(*a, bias)) };
+                unsafe { _mm512_mask_storeu_ps(f.out.add(i * f.n), mask, y) };
             }
             return;
         }
@@ -410,6 +435,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::vector::gelu_scalar;
     use super::*;
     use proptest::prelude::*;
 
@@ -435,9 +461,13 @@ mod tests {
             for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
                 if level <= detect() {
                     let mut got = vec![0f32; rows * n];
-                    p.matmul_at(level, &x, &mut got, &ThreadPool::new(2).unwrap());
+                    p.matmul_at(level, &x, &mut got, &ThreadPool::new(2).unwrap(), Act::Identity);
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     prop_assert_eq!(bits(&got), bits(&one), "{:?}", level);
+                    // The fused activation gives the bits of the separate pass (scalar GELU).
+                    p.matmul_at(level, &x, &mut got, &ThreadPool::new(2).unwrap(), Act::Gelu);
+                    let want: Vec<f32> = one.iter().map(|&v| gelu_scalar(v)).collect();
+                    prop_assert_eq!(bits(&got), bits(&want), "GELU on {:?}", level);
                 }
             }
             for r in 0..rows {

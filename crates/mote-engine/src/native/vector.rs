@@ -125,7 +125,7 @@ pub fn attend_scalar(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -159,7 +159,7 @@ mod avx512 {
     /// GELU of sixteen values (the operations of [`super::gelu_scalar`] per lane).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
-    fn gelu16(x: __m512) -> __m512 {
+    pub(in super::super) fn gelu16(x: __m512) -> __m512 {
         let sign = _mm512_set1_ps(-0.0);
         let z = _mm512_mul_ps(
             _mm512_andnot_ps(sign, x),
@@ -625,7 +625,7 @@ pub fn gelu(x: &mut [f32]) {
 }
 
 /// [`gelu`] on the given ISA level (at most the CPU's).
-fn gelu_at(level: Isa, x: &mut [f32]) {
+pub(super) fn gelu_at(level: Isa, x: &mut [f32]) {
     assert!(level <= detect(), "{level:?} is beyond this CPU");
     #[cfg(target_arch = "x86_64")]
     if level >= Isa::Avx512 {
