@@ -235,6 +235,45 @@ pub struct Bert {
     outputs: Vec<TensorSpec>,
     /// When calibrating: the activation ranges seen so far.
     recorder: Option<Mutex<ActivationRanges>>,
+    /// The working buffers of the last inference, for the next one (see [`Scratch`]).
+    scratch: Mutex<Scratch>,
+}
+
+/// The working buffers of one inference. They are kept between calls: at 32 sequences of
+/// 128 tokens they hold ~60 MiB, which the allocator would otherwise hand back to the system
+/// after each call and fault in again, page by page, in the next (~12k page faults per call).
+/// Every buffer is written before it is read, so stale contents never reach a result.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    kt: Vec<f32>,
+    ctx: Vec<f32>,
+    tmp: Vec<f32>,
+    ffn: Vec<f32>,
+}
+
+impl Scratch {
+    /// Largest set of buffers kept for the next call (floats, 256 MiB): one huge batch does
+    /// not pin its memory for the life of the model.
+    const KEEP: usize = 64 << 20;
+
+    fn floats(&self) -> usize {
+        [
+            &self.x, &self.qkv, &self.kt, &self.ctx, &self.tmp, &self.ffn,
+        ]
+        .iter()
+        .map(|b| b.len())
+        .sum()
+    }
+}
+
+/// The first `n` floats of `buf`, growing it if needed (contents unspecified).
+fn first(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
 }
 
 struct Weights<'a> {
@@ -475,6 +514,7 @@ impl Bert {
                 shape: vec![None, None, Some(h)],
             }],
             recorder: None,
+            scratch: Mutex::default(),
             config,
         })
     }
@@ -523,18 +563,17 @@ impl Bert {
         }
     }
 
-    /// Token embeddings (word + type + position) of the kept tokens, then LayerNorm.
-    fn embed(&self, tokens: &[Token]) -> Vec<f32> {
+    /// Token embeddings (word + type + position) of the kept tokens, then LayerNorm, into
+    /// `x` (`[tokens, hidden]`).
+    fn embed(&self, tokens: &[Token], x: &mut [f32]) {
         let h = self.config.hidden_size;
-        let mut x = vec![0f32; tokens.len() * h];
         for (row, tok) in x.chunks_exact_mut(h).zip(tokens) {
             let (w, ty, p) = (tok.id * h, tok.ty * h, tok.pos * h);
             for (j, v) in row.iter_mut().enumerate() {
                 *v = self.word[w + j] + self.token_type[ty + j] + self.position[p + j];
             }
         }
-        self.norm(&mut x, None, &self.emb_norm);
-        x
+        self.norm(x, None, &self.emb_norm);
     }
 
     /// `x = LayerNorm(x + residual)`, rows in parallel.
@@ -575,19 +614,25 @@ impl Bert {
                     }
                 }
             }
+            // The padding past the sequence (read by 8-key vectors, never used) is zeroed.
+            for row in block.chunks_exact_mut(stride) {
+                row[s.len..].fill(0.0);
+            }
         });
     }
 
-    /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`.
-    /// Matrix products run over all tokens at once; attention stays within each sequence.
-    fn encode(&self, tokens: &[Token], seqs: &[Seq]) -> Vec<f32> {
+    /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`
+    /// in the first `tokens × hidden` floats of `sc.x`. Matrix products run over all tokens
+    /// at once; attention stays within each sequence.
+    fn encode(&self, tokens: &[Token], seqs: &[Seq], sc: &mut Scratch) {
         let h = self.config.hidden_size;
         let n = tokens.len();
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut x = self.embed(tokens);
-        let mut qkv = vec![0f32; n * 3 * h];
+        let x = first(&mut sc.x, n * h);
+        self.embed(tokens, x);
+        let qkv = first(&mut sc.qkv, n * 3 * h);
         // Keys transposed per (sequence, head): `hd` rows of the sequence length rounded up
         // to 8, so a query's scores are 8 keys per vector.
         let kt_offset: Vec<usize> = seqs
@@ -602,101 +647,90 @@ impl Bert {
             .iter()
             .map(|s| heads * hd * s.len.next_multiple_of(8))
             .sum();
-        let mut kt = vec![0f32; kt_len];
-        let mut ctx = vec![0f32; n * h];
-        let mut tmp = vec![0f32; n * h];
-        let mut ffn = vec![0f32; n * self.config.intermediate_size];
+        let kt = first(&mut sc.kt, kt_len);
+        let ctx = first(&mut sc.ctx, n * h);
+        let tmp = first(&mut sc.tmp, n * h);
+        let ffn = first(&mut sc.ffn, n * self.config.intermediate_size);
         for (li, layer) in self.layers.iter().enumerate() {
-            self.record(li, 0, &x);
-            layer.qkv.matmul(&x, &mut qkv, &self.pool);
-            self.transpose_keys(&qkv, seqs, &mut kt);
-            let (qkv_r, kt_r) = (&qkv, &kt);
-            self.pool
-                .for_each_chunk(&mut ctx, ATTN_ROWS * h, |chunk, out| {
-                    let mut scores = Vec::new();
-                    // The task's queries in groups of up to four consecutive ones of the same
-                    // sequence (they share their key and value loads): (token, its row in
-                    // `out`, group size).
-                    let first = chunk * ATTN_ROWS;
-                    let count = out.len() / h;
-                    let mut groups = Vec::with_capacity(count);
-                    let mut r = 0;
-                    while r < count {
-                        let t = first + r;
-                        let mut g = 1;
-                        while g < 4 && r + g < count && tokens[t + g].seq == tokens[t].seq {
-                            g += 1;
-                        }
-                        groups.push((t, r, g));
-                        r += g;
+            self.record(li, 0, x);
+            layer.qkv.matmul(x, qkv, &self.pool);
+            self.transpose_keys(qkv, seqs, kt);
+            let (qkv_r, kt_r) = (&*qkv, &*kt);
+            self.pool.for_each_chunk(ctx, ATTN_ROWS * h, |chunk, out| {
+                let mut scores = Vec::new();
+                // The task's queries in groups of up to four consecutive ones of the same
+                // sequence (they share their key and value loads): (token, its row in
+                // `out`, group size).
+                let first = chunk * ATTN_ROWS;
+                let count = out.len() / h;
+                let mut groups = Vec::with_capacity(count);
+                let mut r = 0;
+                while r < count {
+                    let t = first + r;
+                    let mut g = 1;
+                    while g < 4 && r + g < count && tokens[t + g].seq == tokens[t].seq {
+                        g += 1;
                     }
-                    let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(h).collect();
-                    let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
-                    // Head by head, so one head's keys and values stay in cache for all the
-                    // task's queries.
-                    for head in 0..heads {
-                        for &(t, r, g) in &groups {
-                            let si = tokens[t].seq;
-                            let s = &seqs[si];
-                            let stride = s.len.next_multiple_of(8);
-                            scores.resize(4 * stride, 0.0);
-                            let kt = &kt_r[kt_offset[si] + head * hd * stride..][..hd * stride];
-                            let v = &qkv_r[s.start * 3 * h + 2 * h + head * hd..];
-                            let mut outs =
-                                rows[r..r + g].iter_mut().map(|o| &mut o[head * hd..][..hd]);
-                            let mut o = || outs.next().expect("a row per query");
-                            let sc = &mut scores;
-                            let q = |i: usize| q(t + i, head);
-                            let (len, vs) = (s.len, 3 * h);
-                            match g {
-                                4 => attend(
-                                    [q(0), q(1), q(2), q(3)],
-                                    kt,
-                                    stride,
-                                    len,
-                                    v,
-                                    vs,
-                                    scale,
-                                    sc,
-                                    [o(), o(), o(), o()],
-                                ),
-                                3 => attend(
-                                    [q(0), q(1), q(2)],
-                                    kt,
-                                    stride,
-                                    len,
-                                    v,
-                                    vs,
-                                    scale,
-                                    sc,
-                                    [o(), o(), o()],
-                                ),
-                                2 => attend(
-                                    [q(0), q(1)],
-                                    kt,
-                                    stride,
-                                    len,
-                                    v,
-                                    vs,
-                                    scale,
-                                    sc,
-                                    [o(), o()],
-                                ),
-                                _ => attend([q(0)], kt, stride, len, v, vs, scale, sc, [o()]),
+                    groups.push((t, r, g));
+                    r += g;
+                }
+                let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(h).collect();
+                let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
+                // Head by head, so one head's keys and values stay in cache for all the
+                // task's queries.
+                for head in 0..heads {
+                    for &(t, r, g) in &groups {
+                        let si = tokens[t].seq;
+                        let s = &seqs[si];
+                        let stride = s.len.next_multiple_of(8);
+                        scores.resize(4 * stride, 0.0);
+                        let kt = &kt_r[kt_offset[si] + head * hd * stride..][..hd * stride];
+                        let v = &qkv_r[s.start * 3 * h + 2 * h + head * hd..];
+                        let mut outs = rows[r..r + g].iter_mut().map(|o| &mut o[head * hd..][..hd]);
+                        let mut o = || outs.next().expect("a row per query");
+                        let sc = &mut scores;
+                        let q = |i: usize| q(t + i, head);
+                        let (len, vs) = (s.len, 3 * h);
+                        match g {
+                            4 => attend(
+                                [q(0), q(1), q(2), q(3)],
+                                kt,
+                                stride,
+                                len,
+                                v,
+                                vs,
+                                scale,
+                                sc,
+                                [o(), o(), o(), o()],
+                            ),
+                            3 => attend(
+                                [q(0), q(1), q(2)],
+                                kt,
+                                stride,
+                                len,
+                                v,
+                                vs,
+                                scale,
+                                sc,
+                                [o(), o(), o()],
+                            ),
+                            2 => {
+                                attend([q(0), q(1)], kt, stride, len, v, vs, scale, sc, [o(), o()])
                             }
+                            _ => attend([q(0)], kt, stride, len, v, vs, scale, sc, [o()]),
                         }
                     }
-                });
-            self.record(li, 1, &ctx);
-            layer.attn_out.matmul(&ctx, &mut tmp, &self.pool);
-            self.norm(&mut tmp, Some(&x), &layer.attn_norm);
-            self.record(li, 2, &tmp);
-            layer.ffn_in.matmul_gelu(&tmp, &mut ffn, &self.pool);
-            self.record(li, 3, &ffn);
-            layer.ffn_out.matmul(&ffn, &mut x, &self.pool);
-            self.norm(&mut x, Some(&tmp), &layer.ffn_norm);
+                }
+            });
+            self.record(li, 1, ctx);
+            layer.attn_out.matmul(ctx, tmp, &self.pool);
+            self.norm(tmp, Some(x), &layer.attn_norm);
+            self.record(li, 2, tmp);
+            layer.ffn_in.matmul_gelu(tmp, ffn, &self.pool);
+            self.record(li, 3, ffn);
+            layer.ffn_out.matmul(ffn, x, &self.pool);
+            self.norm(x, Some(tmp), &layer.ffn_norm);
         }
-        x
     }
 }
 
@@ -812,11 +846,18 @@ impl Backend for Bert {
             });
         }
         let h = self.config.hidden_size;
-        let x = self.pool.install(|| self.encode(&tokens, &seqs));
+        // Concurrent calls each take their own buffers (a fresh set when another call holds
+        // the kept one).
+        let lock = || self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sc = std::mem::take(&mut *lock());
+        self.pool.install(|| self.encode(&tokens, &seqs, &mut sc));
         // Positions with mask 0 were not computed: their rows are zero.
         let mut out = vec![0f32; rows * len * h];
-        for (row, &at) in x.chunks_exact(h).zip(&kept) {
+        for (row, &at) in sc.x.chunks_exact(h).zip(&kept) {
             out[at * h..(at + 1) * h].copy_from_slice(row);
+        }
+        if sc.floats() <= Scratch::KEEP {
+            *lock() = sc;
         }
         Ok(vec![Tensor::new(vec![rows, len, h], TensorData::F32(out))?])
     }

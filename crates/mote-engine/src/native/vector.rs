@@ -186,7 +186,7 @@ pub(super) mod avx512 {
     /// each context element is the same chain of operations, so the same bits.
     /// Requires `hd % 16 == 0`, `stride ≥ len` rounded up to 8, and `scores` of `Q` such rows.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     pub fn attend<const Q: usize>(
         qs: [&[f32]; Q],
         kt: &[f32],
@@ -223,7 +223,7 @@ pub(super) mod avx512 {
                 }
             }
         }
-        let inv = super::avx2::softmax_rows::<Q>(scores, l8, len).map(|i| _mm512_set1_ps(i));
+        let inv = softmax_rows::<Q>(scores, l8, len).map(|i| _mm512_set1_ps(i));
         let mut d0 = 0;
         while d0 < hd {
             let n = match (hd - d0) / 16 {
@@ -238,6 +238,56 @@ pub(super) mod avx512 {
             }
             d0 += 16 * n;
         }
+    }
+
+    /// [`super::avx2::softmax_rows`] sixteen scores per register: the same max, the same
+    /// exponentials per lane, and the low then the high eight added to the same eight lane
+    /// sums in the same order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    fn softmax_rows<const Q: usize>(scores: &mut [f32], l8: usize, len: usize) -> [f32; Q] {
+        assert!(len > 0 && l8 == len.next_multiple_of(8) && scores.len() >= Q * l8);
+        let mut inv = [0f32; Q];
+        for (qi, inv) in inv.iter_mut().enumerate() {
+            let row = &mut scores[qi * l8..][..l8];
+            let ptr = row.as_mut_ptr();
+            // Lanes at or past `len` are excluded from the max and zeroed after exp.
+            let valid = |c: usize| -> __mmask16 {
+                let n = len.saturating_sub(c * 16).min(16);
+                ((1u32 << n) - 1) as u16
+            };
+            let chunks = l8.div_ceil(16);
+            // The last chunk may be half a register (l8 is a multiple of 8 only).
+            let in_row =
+                |c: usize| -> __mmask16 { if c * 16 + 16 <= l8 { 0xFFFF } else { 0x00FF } };
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for c in 0..chunks {
+                // SAFETY: the lanes read are below l8 == row.len().
+                let v = unsafe { _mm512_maskz_loadu_ps(in_row(c), ptr.add(c * 16)) };
+                m = _mm512_mask_max_ps(m, valid(c), m, v);
+            }
+            // max is exact, so any order gives the scalar fold's value.
+            let maxv = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm256_setzero_ps();
+            for c in 0..chunks {
+                // SAFETY: the lanes read and written are below l8 == row.len().
+                unsafe {
+                    let p = ptr.add(c * 16);
+                    let x = _mm512_maskz_loadu_ps(in_row(c), p);
+                    let e = _mm512_maskz_mov_ps(valid(c), exp16(_mm512_sub_ps(x, maxv)));
+                    _mm512_mask_storeu_ps(p, in_row(c), e);
+                    sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+                    if in_row(c) == 0xFFFF {
+                        sum = _mm256_add_ps(sum, _mm512_extractf32x8_ps::<1>(e));
+                    }
+                }
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            *inv = 1.0 / reduce8(&lanes);
+        }
+        inv
     }
 
     /// Scores of keys `j..j + 16N` (the last register's lanes limited by `mask`) for every
@@ -257,11 +307,13 @@ pub(super) mod avx512 {
     ) {
         let hd = qs[0].len();
         let span = 16 * (N - 1) + mask.count_ones() as usize;
+        assert!(qs.iter().all(|q| q.len() == hd));
         assert!(j + span <= stride && kt.len() >= (hd - 1) * stride + j + span);
         assert!(scores.len() >= (Q - 1) * l8 + j + span && j + span <= l8);
         // Full registers but the last, which takes `mask`'s lanes.
         let lanes = |c: usize| if c + 1 == N { mask } else { 0xFFFF };
         let mut acc = [[_mm512_setzero_ps(); N]; Q];
+        let qp = qs.map(|q| q.as_ptr());
         for d in 0..hd {
             let mut k = [_mm512_setzero_ps(); N];
             for (c, k) in k.iter_mut().enumerate() {
@@ -270,8 +322,9 @@ pub(super) mod avx512 {
                     _mm512_maskz_loadu_ps(lanes(c), kt.as_ptr().add(d * stride + j + 16 * c))
                 };
             }
-            for (q, acc) in qs.iter().zip(acc.iter_mut()) {
-                let qd = _mm512_set1_ps(q[d]);
+            for (q, acc) in qp.iter().zip(acc.iter_mut()) {
+                // SAFETY: d < hd, the length of every query (asserted).
+                let qd = _mm512_set1_ps(unsafe { *q.add(d) });
                 for (a, k) in acc.iter_mut().zip(&k) {
                     *a = _mm512_fmadd_ps(qd, *k, *a);
                 }
@@ -309,6 +362,7 @@ pub(super) mod avx512 {
         assert!(v.len() >= (len - 1) * v_stride + d0 + 16 * N);
         assert!(outs.iter().all(|o| o.len() >= d0 + 16 * N));
         let mut acc = [[_mm512_setzero_ps(); N]; Q];
+        let sp = scores.as_ptr();
         for jj in 0..len {
             let mut vv = [_mm512_setzero_ps(); N];
             for (c, vv) in vv.iter_mut().enumerate() {
@@ -316,7 +370,8 @@ pub(super) mod avx512 {
                 *vv = unsafe { _mm512_loadu_ps(v.as_ptr().add(jj * v_stride + d0 + 16 * c)) };
             }
             for (qi, acc) in acc.iter_mut().enumerate() {
-                let p = _mm512_set1_ps(scores[qi * l8 + jj]);
+                // SAFETY: qi * l8 + jj < (Q - 1) * l8 + len <= scores.len() (asserted).
+                let p = _mm512_set1_ps(unsafe { *sp.add(qi * l8 + jj) });
                 for (a, vv) in acc.iter_mut().zip(&vv) {
                     *a = _mm512_fmadd_ps(p, *vv, *a);
                 }
@@ -329,6 +384,61 @@ pub(super) mod avx512 {
                     _mm512_storeu_ps(out.as_mut_ptr().add(d0 + 16 * c), _mm512_mul_ps(*a, *inv))
                 };
             }
+        }
+    }
+
+    /// [`super::layer_norm_scalar`] with the eight f64 partial sums in one register: whole
+    /// groups of eight elements in vectors, the tail in the same lanes one by one.
+    #[target_feature(enable = "avx512f")]
+    pub fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        assert!(gamma.len() == row.len() && beta.len() == row.len());
+        let width = row.len();
+        let whole = width - width % 8;
+        let ptr = row.as_mut_ptr();
+        let load = |i: usize| {
+            // SAFETY: callers pass i + 8 <= whole <= row.len().
+            _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(ptr.add(i)) })
+        };
+        let lanes = |acc: __m512d| {
+            let mut s = [0f64; 8];
+            // SAFETY: `s` holds eight f64.
+            unsafe { _mm512_storeu_pd(s.as_mut_ptr(), acc) };
+            s
+        };
+        let mut acc = _mm512_setzero_pd();
+        for i in (0..whole).step_by(8) {
+            acc = _mm512_add_pd(acc, load(i));
+        }
+        let mut s = lanes(acc);
+        for (l, &v) in row[whole..].iter().enumerate() {
+            s[l] += v as f64;
+        }
+        let mean = reduce8_f64(&s) / width as f64;
+        let mean_v = _mm512_set1_pd(mean);
+        let mut acc = _mm512_setzero_pd();
+        for i in (0..whole).step_by(8) {
+            let d = _mm512_sub_pd(load(i), mean_v);
+            acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+        }
+        let mut s = lanes(acc);
+        for (l, &v) in row[whole..].iter().enumerate() {
+            let d = v as f64 - mean;
+            s[l] += d * d;
+        }
+        let var = reduce8_f64(&s) / width as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        let inv_v = _mm512_set1_pd(inv);
+        for i in (0..whole).step_by(8) {
+            let y = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(load(i), mean_v), inv_v));
+            // SAFETY: i + 8 <= whole <= the length of `row`, `gamma` and `beta` (asserted).
+            unsafe {
+                let g = _mm256_loadu_ps(gamma.as_ptr().add(i));
+                let b = _mm256_loadu_ps(beta.as_ptr().add(i));
+                _mm256_storeu_ps(ptr.add(i), _mm256_add_ps(_mm256_mul_ps(y, g), b));
+            }
+        }
+        for i in whole..width {
+            row[i] = ((row[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
         }
     }
 
@@ -399,6 +509,75 @@ mod avx2 {
         let erf = _mm256_xor_ps(erf, _mm256_and_ps(neg, sign));
         let h = _mm256_mul_ps(_mm256_set1_ps(0.5), x);
         _mm256_fmadd_ps(h, erf, h)
+    }
+
+    /// [`super::layer_norm_scalar`] with the eight f64 partial sums in two registers (lanes
+    /// 0–3 and 4–7): whole groups of eight elements in vectors, the tail one by one.
+    #[target_feature(enable = "avx2")]
+    pub fn layer_norm(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+        assert!(gamma.len() == row.len() && beta.len() == row.len());
+        let width = row.len();
+        let whole = width - width % 8;
+        let ptr = row.as_mut_ptr();
+        let load = |i: usize| {
+            // SAFETY: callers pass i + 8 <= whole <= row.len().
+            let v = unsafe { _mm256_loadu_ps(ptr.add(i)) };
+            (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            )
+        };
+        let lanes = |(a, b): (__m256d, __m256d)| {
+            let mut s = [0f64; 8];
+            // SAFETY: `s` holds eight f64.
+            unsafe {
+                _mm256_storeu_pd(s.as_mut_ptr(), a);
+                _mm256_storeu_pd(s.as_mut_ptr().add(4), b);
+            }
+            s
+        };
+        let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        for i in (0..whole).step_by(8) {
+            let (lo, hi) = load(i);
+            a = _mm256_add_pd(a, lo);
+            b = _mm256_add_pd(b, hi);
+        }
+        let mut s = lanes((a, b));
+        for (l, &v) in row[whole..].iter().enumerate() {
+            s[l] += v as f64;
+        }
+        let mean = reduce8_f64(&s) / width as f64;
+        let mean_v = _mm256_set1_pd(mean);
+        let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        for i in (0..whole).step_by(8) {
+            let (lo, hi) = load(i);
+            let (dl, dh) = (_mm256_sub_pd(lo, mean_v), _mm256_sub_pd(hi, mean_v));
+            a = _mm256_add_pd(a, _mm256_mul_pd(dl, dl));
+            b = _mm256_add_pd(b, _mm256_mul_pd(dh, dh));
+        }
+        let mut s = lanes((a, b));
+        for (l, &v) in row[whole..].iter().enumerate() {
+            let d = v as f64 - mean;
+            s[l] += d * d;
+        }
+        let var = reduce8_f64(&s) / width as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        let inv_v = _mm256_set1_pd(inv);
+        for i in (0..whole).step_by(8) {
+            let (lo, hi) = load(i);
+            let lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(lo, mean_v), inv_v));
+            let hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(hi, mean_v), inv_v));
+            let y = _mm256_set_m128(hi, lo);
+            // SAFETY: i + 8 <= whole <= the length of `row`, `gamma` and `beta` (asserted).
+            unsafe {
+                let g = _mm256_loadu_ps(gamma.as_ptr().add(i));
+                let b = _mm256_loadu_ps(beta.as_ptr().add(i));
+                _mm256_storeu_ps(ptr.add(i), _mm256_add_ps(_mm256_mul_ps(y, g), b));
+            }
+        }
+        for i in whole..width {
+            row[i] = ((row[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+        }
     }
 
     /// GELU in place.
@@ -683,8 +862,8 @@ fn attend_at<const Q: usize>(
     };
     #[cfg(target_arch = "x86_64")]
     if level >= Isa::Avx512 && fits(16) {
-        // SAFETY: the level is at most the CPU's (asserted): it has AVX-512F, AVX2 and FMA;
-        // the kernel asserts the slice bounds it relies on.
+        // SAFETY: the level is at most the CPU's (asserted): it has AVX-512 F and DQ, AVX2
+        // and FMA; the kernel asserts the slice bounds it relies on.
         unsafe { avx512::attend::<Q>(qs, kt, stride, len, v, v_stride, scale, scores, outs) };
         return;
     }
@@ -712,25 +891,38 @@ fn attend_at<const Q: usize>(
     }
 }
 
-/// `Σ f(row[i])` in f64 in a fixed order: four partial sums (sum `l` takes the elements
-/// `i ≡ l mod 4`, in order), added as `(s0 + s2) + (s1 + s3)`. Independent sums, unlike one
-/// running sum, do not wait on each other's additions.
-fn sum4(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut s = [0f64; 4];
-    let mut chunks = row.chunks_exact(4);
-    for c in &mut chunks {
-        for (s, &v) in s.iter_mut().zip(c) {
-            *s += f(v as f64);
-        }
-    }
-    for (s, &v) in s.iter_mut().zip(chunks.remainder()) {
-        *s += f(v as f64);
-    }
-    (s[0] + s[2]) + (s[1] + s[3])
+/// Combine eight f64 lane sums in the canonical order `((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7))`.
+fn reduce8_f64(s: &[f64; 8]) -> f64 {
+    ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
 }
 
-/// LayerNorm of each `gamma.len()`-wide row of `x + residual`, written to `x`:
-/// `(y - mean) / sqrt(var + eps) * gamma + beta`, statistics in f64 (see [`sum4`]).
+/// `Σ f(row[i])` in f64 in a fixed order: eight partial sums (sum `l` takes the elements
+/// `i ≡ l mod 8`, in order), combined by [`reduce8_f64`]. Independent sums, unlike one
+/// running sum, do not wait on each other's additions, and eight f64 lanes are one 512-bit
+/// register (two 256-bit ones).
+fn sum8(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut s = [0f64; 8];
+    for (i, &v) in row.iter().enumerate() {
+        s[i % 8] += f(v as f64);
+    }
+    reduce8_f64(&s)
+}
+
+/// LayerNorm of one row, scalar reference: `(y - mean) / sqrt(var + eps) * gamma + beta`,
+/// statistics in f64 (see [`sum8`]), the normalised value rounded to f32 before the affine
+/// step (a multiply, then an add).
+fn layer_norm_scalar(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let width = row.len() as f64;
+    let mean = sum8(row, |v| v) / width;
+    let var = sum8(row, |v| (v - mean) * (v - mean)) / width;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = ((*v as f64 - mean) * inv) as f32 * g + b;
+    }
+}
+
+/// LayerNorm of each `gamma.len()`-wide row of `x + residual`, written to `x`, on the
+/// selected ISA (the same bits on every level; see [`layer_norm_scalar`]).
 pub fn add_layer_norm(
     x: &mut [f32],
     residual: Option<&[f32]>,
@@ -738,19 +930,44 @@ pub fn add_layer_norm(
     beta: &[f32],
     eps: f32,
 ) {
+    add_layer_norm_at(isa(), x, residual, gamma, beta, eps);
+}
+
+/// [`add_layer_norm`] on the given ISA level (at most the CPU's).
+fn add_layer_norm_at(
+    level: Isa,
+    x: &mut [f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    assert!(level <= detect(), "{level:?} is beyond this CPU");
     let width = gamma.len();
+    assert!(beta.len() == width && x.len().is_multiple_of(width.max(1)));
     if let Some(r) = residual {
-        for (v, r) in x.iter_mut().zip(r) {
-            *v += r;
-        }
+        assert_eq!(r.len(), x.len(), "residual shape");
     }
-    for row in x.chunks_exact_mut(width) {
-        let mean = sum4(row, |v| v) / width as f64;
-        let var = sum4(row, |v| (v - mean) * (v - mean)) / width as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for (i, v) in row.iter_mut().enumerate() {
-            *v = ((*v as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
+    for (i, row) in x.chunks_exact_mut(width).enumerate() {
+        // Row by row, so the row is still in L1 when it is normalised.
+        if let Some(r) = residual {
+            for (v, r) in row.iter_mut().zip(&r[i * width..]) {
+                *v += r;
+            }
         }
+        #[cfg(target_arch = "x86_64")]
+        if level >= Isa::Avx512 {
+            // SAFETY: the level is at most the CPU's (asserted): it has AVX-512F.
+            unsafe { avx512::layer_norm(row, gamma, beta, eps) };
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if level >= Isa::Avx2 {
+            // SAFETY: the level is at most the CPU's (asserted): it has AVX2.
+            unsafe { avx2::layer_norm(row, gamma, beta, eps) };
+            continue;
+        }
+        layer_norm_scalar(row, gamma, beta, eps);
     }
 }
 
@@ -828,6 +1045,39 @@ mod tests {
                     let mut g = x.clone();
                     gelu_at(level, &mut g);
                     prop_assert_eq!(bits(&g), want.clone(), "{:?}", level);
+                }
+            }
+        }
+
+        #[test]
+        fn simd_layer_norm_matches_the_scalar_reference(
+            width in 1usize..70, rows in 1usize..4, scale in prop_oneof![Just(1f32), Just(1e-3f32), Just(1e4f32)],
+            seed in any::<u64>()
+        ) {
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 1.0 };
+            let x: Vec<f32> = (0..rows * width).map(|_| next() * scale).collect();
+            let r: Vec<f32> = (0..rows * width).map(|_| next()).collect();
+            let gamma: Vec<f32> = (0..width).map(|_| next()).collect();
+            let beta: Vec<f32> = (0..width).map(|_| next()).collect();
+            let mut want = x.clone();
+            add_layer_norm_at(Isa::Scalar, &mut want, Some(&r), &gamma, &beta, 1e-12);
+            // The reference is LayerNorm (to f32 precision).
+            for (row, (xr, rr)) in want.chunks(width).zip(x.chunks(width).zip(r.chunks(width))) {
+                let y: Vec<f64> = xr.iter().zip(rr).map(|(a, b)| (a + b) as f64).collect();
+                let mean = y.iter().sum::<f64>() / width as f64;
+                let var = y.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / width as f64;
+                for (i, got) in row.iter().enumerate() {
+                    let norm = (y[i] - mean) / (var + 1e-12).sqrt();
+                    let expect = norm * gamma[i] as f64 + beta[i] as f64;
+                    prop_assert!((*got as f64 - expect).abs() < 1e-5 * (1.0 + norm.abs()), "{} vs {}", got, expect);
+                }
+            }
+            for level in [Isa::Avx2, Isa::Avx512] {
+                if level <= detect() {
+                    let mut got = x.clone();
+                    add_layer_norm_at(level, &mut got, Some(&r), &gamma, &beta, 1e-12);
+                    prop_assert_eq!(bits(&got), bits(&want), "{:?}", level);
                 }
             }
         }
