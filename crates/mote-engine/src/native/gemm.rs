@@ -338,6 +338,16 @@ mod avx512 {
             }
         }
         let (xp, wp, ap) = (x.as_ptr(), w.as_ptr(), ahead.as_ptr());
+        if let Some(f) = finish {
+            // The output lines are fetched while the tile computes (a hint: with large
+            // products they are not in cache, and writing them would wait on memory).
+            // (Both ends of each row: 16 floats span two lines unless 64-byte aligned.)
+            for i in 0..R {
+                let row = f.out.wrapping_add(i * f.n);
+                _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(f.cols - 1) as *const i8);
+            }
+        }
         for kk in 0..kc {
             if PREFETCH {
                 _mm_prefetch::<_MM_HINT_T1>(ap.wrapping_add(kk * NR) as *const i8);
