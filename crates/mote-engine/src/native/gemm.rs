@@ -175,6 +175,24 @@ pub(crate) fn for_each_block(
     });
 }
 
+/// Ask for the cache lines of `rows` output rows (`n` floats apart, `cols` ≥ 1 columns each,
+/// from `out`) ahead of writing them: a hint, which never faults and which no result depends
+/// on. Large products' outputs are not in cache, and each write would otherwise wait on its
+/// line (both ends of a row: 16 floats span two lines unless 64-byte aligned).
+pub(crate) fn prefetch_out(out: *const f32, n: usize, rows: usize, cols: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for i in 0..rows {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let row = out.wrapping_add(i * n);
+        // SAFETY: SSE is part of every x86_64 CPU, and a prefetch never faults, whatever
+        // the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(cols - 1) as *const i8);
+        }
+    }
+}
+
 /// The output pointer shared by the tasks of one product (each writes its own elements).
 pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: tasks write disjoint elements (each owns its (row, panel) pairs, see

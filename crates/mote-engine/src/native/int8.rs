@@ -218,6 +218,8 @@ impl PackedI8 {
             }
             let mut sums = vec![[0i32; NR]; nr];
             for p in group {
+                // The epilogue below writes the block's rows of this panel.
+                super::gemm::prefetch_out(dst.at(r0 * n + p * NR), n, nr, NR.min(n - p * NR));
                 let w = &self.data[p * k4 * NR..][..k4 * NR];
                 let mut r = 0;
                 while r < nr {
