@@ -2,13 +2,16 @@
 //!
 //! `y = x · Wᵀ + b` for `x: [rows, k]` and `W: [n, k]` (PyTorch's `[out, in]` layout). The
 //! weights are repacked into panels of 16 output columns, `k` steps of 16 contiguous floats
-//! each, so the micro-kernel streams them in order; each of its 6×16 tiles keeps 12 vector
-//! accumulators in registers and broadcasts one input value per row and step.
+//! each, so the micro-kernel streams them in order; each tile (AVX-512: 12 rows × 16, one
+//! register per row; AVX2: 6 rows × 16, two per row) keeps its sums in registers and
+//! broadcasts one input value per row and step. On the last k slice the AVX-512 tile adds
+//! the bias, applies the activation ([`Act`]) and writes its rows itself, having asked for
+//! their cache lines when it started (large products' outputs are not in cache).
 //!
 //! Canonical order (what makes results bit-reproducible): every output element is
 //! `fma(x[r][k-1], w[j][k-1], … fma(x[r][0], w[j][0], 0.0)) + b[j]`, one fused multiply-add
-//! per step in increasing `k`. The scalar path computes exactly that; the AVX2 path computes
-//! it for 8 columns per vector. Tiles, row blocks and threads only decide *which* elements a
+//! per step in increasing `k`. The scalar path computes exactly that; the SIMD paths compute
+//! it for 8 or 16 columns per vector. Tiles, row blocks and threads only decide *which* elements a
 //! task computes, never how, so results do not depend on the thread count, on the other rows
 //! of the batch, or on the ISA level.
 

@@ -11,7 +11,8 @@
 //! - [`attend`]: up to four queries' scaled dot-product attention over one head: scores
 //!   summed over the head dimension in order, softmax with an 8-lane canonical sum, context
 //!   summed over keys in order.
-//! - [`add_layer_norm`]: statistics in f64, four partial sums in a fixed order.
+//! - [`add_layer_norm`]: statistics in f64, eight partial sums in a fixed order (one 512-bit
+//!   register, or two 256-bit ones), the residual added row by row.
 
 use super::kernels::{Isa, detect, isa};
 
