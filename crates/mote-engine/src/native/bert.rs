@@ -269,7 +269,7 @@ impl Scratch {
 }
 
 /// The first `n` floats of `buf`, growing it if needed (contents unspecified).
-fn first(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+fn prefix(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if buf.len() < n {
         buf.resize(n, 0.0);
     }
@@ -630,9 +630,9 @@ impl Bert {
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let x = first(&mut sc.x, n * h);
+        let x = prefix(&mut sc.x, n * h);
         self.embed(tokens, x);
-        let qkv = first(&mut sc.qkv, n * 3 * h);
+        let qkv = prefix(&mut sc.qkv, n * 3 * h);
         // Keys transposed per (sequence, head): `hd` rows of the sequence length rounded up
         // to 8, so a query's scores are 8 keys per vector.
         let kt_offset: Vec<usize> = seqs
@@ -647,10 +647,10 @@ impl Bert {
             .iter()
             .map(|s| heads * hd * s.len.next_multiple_of(8))
             .sum();
-        let kt = first(&mut sc.kt, kt_len);
-        let ctx = first(&mut sc.ctx, n * h);
-        let tmp = first(&mut sc.tmp, n * h);
-        let ffn = first(&mut sc.ffn, n * self.config.intermediate_size);
+        let kt = prefix(&mut sc.kt, kt_len);
+        let ctx = prefix(&mut sc.ctx, n * h);
+        let tmp = prefix(&mut sc.tmp, n * h);
+        let ffn = prefix(&mut sc.ffn, n * self.config.intermediate_size);
         for (li, layer) in self.layers.iter().enumerate() {
             self.record(li, 0, x);
             layer.qkv.matmul(x, qkv, &self.pool);

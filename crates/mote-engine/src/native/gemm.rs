@@ -11,9 +11,9 @@
 //! Canonical order (what makes results bit-reproducible): every output element is
 //! `fma(x[r][k-1], w[j][k-1], … fma(x[r][0], w[j][0], 0.0)) + b[j]`, one fused multiply-add
 //! per step in increasing `k`. The scalar path computes exactly that; the SIMD paths compute
-//! it for 8 or 16 columns per vector. Tiles, row blocks and threads only decide *which* elements a
-//! task computes, never how, so results do not depend on the thread count, on the other rows
-//! of the batch, or on the ISA level.
+//! it for 8 or 16 columns per vector. Tiles, row blocks and threads only decide *which*
+//! elements a task computes, never how, so results do not depend on the thread count, on the
+//! other rows of the batch, or on the ISA level.
 
 use super::kernels::{Isa, detect, isa};
 use super::vector::gelu_at;
@@ -257,10 +257,10 @@ fn tile_kernel(
         let a = ahead.filter(|a| a.len() >= kc * NR);
         let written = finish.is_some();
         let f = finish.as_ref();
-        // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX-512F;
-        // the bounds the kernel reads are asserted above (m rows of stride k from xs,
-        // kc × 16 of w, and of `ahead` when given); `finish`'s rows are the caller's to
-        // write (contract above).
+        // SAFETY: the level is at most the CPU's (the caller asserts it), so it has AVX-512 F
+        // and DQ; the bounds the kernel reads are asserted above (m rows of stride k from xs,
+        // kc × 16 of w, and of `ahead` when given); `finish`'s rows are the caller's to write
+        // (contract above).
         unsafe {
             use avx512::tile;
             match (m, a) {
