@@ -182,6 +182,7 @@ pub(crate) fn for_each_block(
 /// from `out`) ahead of writing them: a hint, which never faults and which no result depends
 /// on. Large products' outputs are not in cache, and each write would otherwise wait on its
 /// line (both ends of a row: 16 floats span two lines unless 64-byte aligned).
+#[inline]
 pub(crate) fn prefetch_out(out: *const f32, n: usize, rows: usize, cols: usize) {
     #[cfg(target_arch = "x86_64")]
     for i in 0..rows {
@@ -363,14 +364,8 @@ mod avx512 {
         }
         let (xp, wp, ap) = (x.as_ptr(), w.as_ptr(), ahead.as_ptr());
         if let Some(f) = finish {
-            // The output lines are fetched while the tile computes (a hint: with large
-            // products they are not in cache, and writing them would wait on memory).
-            // (Both ends of each row: 16 floats span two lines unless 64-byte aligned.)
-            for i in 0..R {
-                let row = f.out.wrapping_add(i * f.n);
-                _mm_prefetch::<_MM_HINT_T0>(row as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(f.cols - 1) as *const i8);
-            }
+            // The output lines are fetched while the tile computes.
+            super::prefetch_out(f.out, f.n, R, f.cols);
         }
         for kk in 0..kc {
             if PREFETCH {

@@ -582,15 +582,10 @@ mod avx512 {
                         // The first tile pulls the next panels towards L2: with one sequence
                         // each panel serves only a few tiles, and the weights come from L3.
                         let ahead = m.data.get((p + P) * k4 * NR..).filter(|_| r == 0);
-                        // The tile's output lines (both ends of each row's 16 columns) are
-                        // fetched while it computes: for large products they are not in
-                        // cache, and the stores would wait on memory (a hint, never faults).
-                        for i in 0..R {
-                            for j in 0..P {
-                                let at = out.wrapping_add((r + i) * m.n + (p + j) * NR);
-                                _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-                                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(NR - 1) as *const i8);
-                            }
+                        // The tile's output lines are fetched while it computes.
+                        for j in 0..P {
+                            let at = out.wrapping_add(r * m.n + (p + j) * NR);
+                            crate::native::gemm::prefetch_out(at, m.n, R, NR);
                         }
                         let acc = sums::<R, P>(&rows.q[r * k4..], k4, w, ahead);
                         for (i, a) in acc.iter().enumerate() {

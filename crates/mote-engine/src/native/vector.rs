@@ -410,24 +410,16 @@ pub(super) mod avx512 {
         for i in (0..whole).step_by(8) {
             acc = _mm512_add_pd(acc, load(i));
         }
-        let mut s = lanes(acc);
-        for (l, &v) in row[whole..].iter().enumerate() {
-            s[l] += v as f64;
-        }
-        let mean = reduce8_f64(&s) / width as f64;
+        let mean = sum8(lanes(acc), &row[whole..], |v| v) / width as f64;
         let mean_v = _mm512_set1_pd(mean);
         let mut acc = _mm512_setzero_pd();
         for i in (0..whole).step_by(8) {
             let d = _mm512_sub_pd(load(i), mean_v);
             acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
         }
-        let mut s = lanes(acc);
-        for (l, &v) in row[whole..].iter().enumerate() {
-            let d = v as f64 - mean;
-            s[l] += d * d;
-        }
-        let var = reduce8_f64(&s) / width as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
+        let tail = &row[whole..];
+        let var = sum8(lanes(acc), tail, |v| (v - mean) * (v - mean)) / width as f64;
+        let inv = inv_std(var, eps);
         let inv_v = _mm512_set1_pd(inv);
         for i in (0..whole).step_by(8) {
             let y = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(load(i), mean_v), inv_v));
@@ -438,9 +430,12 @@ pub(super) mod avx512 {
                 _mm256_storeu_ps(ptr.add(i), _mm256_add_ps(_mm256_mul_ps(y, g), b));
             }
         }
-        for i in whole..width {
-            row[i] = ((row[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
-        }
+        normalise(
+            &mut row[whole..],
+            &gamma[whole..],
+            &beta[whole..],
+            (mean, inv),
+        );
     }
 
     /// GELU in place.
@@ -543,11 +538,7 @@ mod avx2 {
             a = _mm256_add_pd(a, lo);
             b = _mm256_add_pd(b, hi);
         }
-        let mut s = lanes((a, b));
-        for (l, &v) in row[whole..].iter().enumerate() {
-            s[l] += v as f64;
-        }
-        let mean = reduce8_f64(&s) / width as f64;
+        let mean = sum8(lanes((a, b)), &row[whole..], |v| v) / width as f64;
         let mean_v = _mm256_set1_pd(mean);
         let (mut a, mut b) = (_mm256_setzero_pd(), _mm256_setzero_pd());
         for i in (0..whole).step_by(8) {
@@ -556,13 +547,9 @@ mod avx2 {
             a = _mm256_add_pd(a, _mm256_mul_pd(dl, dl));
             b = _mm256_add_pd(b, _mm256_mul_pd(dh, dh));
         }
-        let mut s = lanes((a, b));
-        for (l, &v) in row[whole..].iter().enumerate() {
-            let d = v as f64 - mean;
-            s[l] += d * d;
-        }
-        let var = reduce8_f64(&s) / width as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
+        let tail = &row[whole..];
+        let var = sum8(lanes((a, b)), tail, |v| (v - mean) * (v - mean)) / width as f64;
+        let inv = inv_std(var, eps);
         let inv_v = _mm256_set1_pd(inv);
         for i in (0..whole).step_by(8) {
             let (lo, hi) = load(i);
@@ -576,9 +563,12 @@ mod avx2 {
                 _mm256_storeu_ps(ptr.add(i), _mm256_add_ps(_mm256_mul_ps(y, g), b));
             }
         }
-        for i in whole..width {
-            row[i] = ((row[i] as f64 - mean) * inv) as f32 * gamma[i] + beta[i];
-        }
+        normalise(
+            &mut row[whole..],
+            &gamma[whole..],
+            &beta[whole..],
+            (mean, inv),
+        );
     }
 
     /// GELU in place.
@@ -897,29 +887,39 @@ fn reduce8_f64(s: &[f64; 8]) -> f64 {
     ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]))
 }
 
-/// `Σ f(row[i])` in f64 in a fixed order: eight partial sums (sum `l` takes the elements
+/// `Σ f(v)` in f64 in a fixed order: eight partial sums (sum `l` takes the elements
 /// `i ≡ l mod 8`, in order), combined by [`reduce8_f64`]. Independent sums, unlike one
 /// running sum, do not wait on each other's additions, and eight f64 lanes are one 512-bit
-/// register (two 256-bit ones).
-fn sum8(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    let mut s = [0f64; 8];
-    for (i, &v) in row.iter().enumerate() {
-        s[i % 8] += f(v as f64);
+/// register (two 256-bit ones). `lanes` holds the sums of the elements before `rest` (zero
+/// for a whole row; the SIMD paths pass their registers' sums and the tail past their last
+/// whole group of eight, so `rest[i]` belongs to lane `i mod 8`).
+fn sum8(mut lanes: [f64; 8], rest: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    for (i, &v) in rest.iter().enumerate() {
+        lanes[i % 8] += f(v as f64);
     }
-    reduce8_f64(&s)
+    reduce8_f64(&lanes)
+}
+
+/// `1 / sqrt(var + eps)`.
+fn inv_std(var: f64, eps: f32) -> f64 {
+    1.0 / (var + eps as f64).sqrt()
+}
+
+/// `((v - mean) * inv)` rounded to f32, then `· gamma + beta` (a multiply, then an add).
+fn normalise(row: &mut [f32], gamma: &[f32], beta: &[f32], (mean, inv): (f64, f64)) {
+    for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+        *v = ((*v as f64 - mean) * inv) as f32 * g + b;
+    }
 }
 
 /// LayerNorm of one row, scalar reference: `(y - mean) / sqrt(var + eps) * gamma + beta`,
 /// statistics in f64 (see [`sum8`]), the normalised value rounded to f32 before the affine
-/// step (a multiply, then an add).
+/// step (see [`normalise`]).
 fn layer_norm_scalar(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let width = row.len() as f64;
-    let mean = sum8(row, |v| v) / width;
-    let var = sum8(row, |v| (v - mean) * (v - mean)) / width;
-    let inv = 1.0 / (var + eps as f64).sqrt();
-    for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
-        *v = ((*v as f64 - mean) * inv) as f32 * g + b;
-    }
+    let mean = sum8([0.0; 8], row, |v| v) / width;
+    let var = sum8([0.0; 8], row, |v| (v - mean) * (v - mean)) / width;
+    normalise(row, gamma, beta, (mean, inv_std(var, eps)));
 }
 
 /// LayerNorm of each `gamma.len()`-wide row of `x + residual`, written to `x`, on the
