@@ -90,6 +90,15 @@ impl ThreadPool {
         Ok(ThreadPool { threads, pool })
     }
 
+    /// No threads of its own: everything runs on the caller's thread (for work that is
+    /// already one task of a parallel loop).
+    pub(crate) fn serial() -> ThreadPool {
+        ThreadPool {
+            threads: 1,
+            pool: None,
+        }
+    }
+
     /// Number of threads.
     pub fn threads(&self) -> usize {
         self.threads

@@ -147,13 +147,36 @@ fn the_safetensors_minilm_runs_natively_and_matches_pytorch() {
     let max_diff = hidden_state_diff(&t);
     println!("native last_hidden_state max abs diff on valid tokens: {max_diff:e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
-    // Bit-identical alone, in a batch, and across thread counts.
+    // Bit-identical alone, in a batch, and across thread counts; the batches of 32 similar
+    // sentences run sequence by sequence (a whole sequence per task), the others step by
+    // step over all tokens: both give the same bits.
     let mut batch: Vec<&str> = refs.clone();
     batch.extend(["Another sentence.", "And one more to make it seven."]);
     let (alone, _) = embedder(&one).embed(&refs[1..2]).unwrap();
     let (in_batch, _) = embedder(&two).embed(&batch).unwrap();
     assert_eq!(alone[0].vector, in_batch[1].vector);
     assert_eq!(alone[0].vector, emb[1].vector);
+    let fillers: Vec<String> = (0..31)
+        .map(|i| {
+            format!(
+                "Filler sentence number {i} about {} things.",
+                ["red", "odd"][i % 2]
+            )
+        })
+        .collect();
+    let mut batch: Vec<&str> = fillers.iter().map(String::as_str).collect();
+    batch.insert(9, refs[1]);
+    for model in [&one, &two] {
+        let (out, _) = embedder(model).embed(&batch).unwrap();
+        assert_eq!(
+            out[9].vector,
+            alone[0].vector,
+            "{} threads",
+            model.threads()
+        );
+    }
+    let (out, _) = embedder(&two).embed(&batch[8..11]).unwrap();
+    assert_eq!(out[1].vector, alone[0].vector);
 }
 
 #[test]

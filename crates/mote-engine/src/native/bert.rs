@@ -237,6 +237,9 @@ pub struct Bert {
     recorder: Option<Mutex<ActivationRanges>>,
     /// The working buffers of the last inference, for the next one (see [`Scratch`]).
     scratch: Mutex<Scratch>,
+    /// Layer buffers of the sequence-by-sequence tasks (see [`Bert::encode`]), kept between
+    /// tasks and calls: at most one set per thread is in use at a time.
+    spare: Mutex<Vec<Work>>,
 }
 
 /// The working buffers of one inference. They are kept between calls: at 32 sequences of
@@ -245,12 +248,29 @@ pub struct Bert {
 /// Every buffer is written before it is read, so stale contents never reach a result.
 #[derive(Default)]
 struct Scratch {
+    /// The hidden states (`[tokens, hidden]`).
     x: Vec<f32>,
+    /// The rest of a layer's buffers.
+    work: Work,
+}
+
+/// The buffers of one layer's steps besides the hidden states (see [`Bert::layer`]).
+#[derive(Default)]
+struct Work {
     qkv: Vec<f32>,
-    kt: Vec<f32>,
+    blocks: Vec<f32>,
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     ffn: Vec<f32>,
+}
+
+impl Work {
+    fn floats(&self) -> usize {
+        [&self.qkv, &self.blocks, &self.ctx, &self.tmp, &self.ffn]
+            .iter()
+            .map(|b| b.len())
+            .sum()
+    }
 }
 
 impl Scratch {
@@ -259,12 +279,7 @@ impl Scratch {
     const KEEP: usize = 64 << 20;
 
     fn floats(&self) -> usize {
-        [
-            &self.x, &self.qkv, &self.kt, &self.ctx, &self.tmp, &self.ffn,
-        ]
-        .iter()
-        .map(|b| b.len())
-        .sum()
+        self.x.len() + self.work.floats()
     }
 }
 
@@ -515,6 +530,7 @@ impl Bert {
             }],
             recorder: None,
             scratch: Mutex::default(),
+            spare: Mutex::default(),
             config,
         })
     }
@@ -573,172 +589,191 @@ impl Bert {
                 *v = self.word[w + j] + self.token_type[ty + j] + self.position[p + j];
             }
         }
-        self.norm(x, None, &self.emb_norm);
+        self.norm(x, None, &self.emb_norm, &self.pool);
     }
 
     /// `x = LayerNorm(x + residual)`, rows in parallel.
-    fn norm(&self, x: &mut [f32], residual: Option<&[f32]>, n: &Norm) {
+    fn norm(&self, x: &mut [f32], residual: Option<&[f32]>, n: &Norm, pool: &ThreadPool) {
         let h = self.config.hidden_size;
         let eps = self.config.layer_norm_eps as f32;
-        self.pool.for_each_chunk(x, ROWS * h, |i, rows| {
+        pool.for_each_chunk(x, ROWS * h, |i, rows| {
             let r = residual.map(|r| &r[i * ROWS * h..][..rows.len()]);
             add_layer_norm(rows, r, &n.gamma, &n.beta, eps);
         });
     }
 
-    /// Copy every sequence's keys (the middle third of each `qkv` row) into `kt`, transposed
-    /// per (sequence, head): `hd` rows of the sequence length rounded up to 8. In parallel
-    /// over (sequence, head) blocks, 16 tokens at a time (16 reads of a row's head slice,
-    /// then contiguous writes).
-    fn transpose_keys(&self, qkv: &[f32], seqs: &[Seq], kt: &mut [f32]) {
+    /// Attention of every sequence, one parallel task per (sequence, head). A task copies
+    /// the head's keys transposed (`hd` rows of the sequence length rounded up to 8, so a
+    /// query's scores are 8 keys per vector; the padding zeroed) and its values (`len × hd`)
+    /// into buffers of its own, runs the sequence's queries over them in groups of up to
+    /// four consecutive ones (they share their key and value loads), and writes the contexts
+    /// into its own block of `blocks` (`len × hd`, sequence-major then head-major). One
+    /// head's keys and values stay in L1 for all its queries (rows of `qkv` are 4.5 KiB
+    /// apart: read in place, the value rows of one head fall into a few cache sets and evict
+    /// each other), and the copies are no separate pass.
+    fn attention(&self, qkv: &[f32], seqs: &[Seq], blocks: &mut [f32], pool: &ThreadPool) {
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
-        let mut blocks = Vec::with_capacity(seqs.len() * heads);
-        let mut rest = kt;
-        for s in seqs {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut tasks = Vec::with_capacity(seqs.len() * heads);
+        let mut rest = blocks;
+        for s in seqs.iter().filter(|s| s.len > 0) {
             for head in 0..heads {
-                let (block, tail) = rest.split_at_mut(hd * s.len.next_multiple_of(8));
-                blocks.push((s, head, block));
+                let (block, tail) = rest.split_at_mut(s.len * hd);
+                tasks.push((s, head, block));
                 rest = tail;
             }
         }
-        self.pool.map(blocks, |(s, head, block)| {
-            let stride = s.len.next_multiple_of(8);
-            for j0 in (0..s.len).step_by(16) {
-                let tokens = j0..(j0 + 16).min(s.len);
-                for d in 0..hd {
-                    let row = &mut block[d * stride..][tokens.clone()];
-                    for (t, v) in tokens.clone().zip(row) {
-                        *v = qkv[(s.start + t) * 3 * h + h + head * hd + d];
-                    }
+        pool.map(tasks, |(s, head, block)| {
+            let (len, stride) = (s.len, s.len.next_multiple_of(8));
+            let rows = &qkv[s.start * 3 * h..(s.start + len) * 3 * h];
+            let mut kt = vec![0f32; hd * stride];
+            for (t, row) in rows.chunks_exact(3 * h).enumerate() {
+                for (d, &k) in row[h + head * hd..][..hd].iter().enumerate() {
+                    kt[d * stride + t] = k;
                 }
             }
-            // The padding past the sequence (read by 8-key vectors, never used) is zeroed.
-            for row in block.chunks_exact_mut(stride) {
-                row[s.len..].fill(0.0);
+            let mut v = vec![0f32; len * hd];
+            for (row, dst) in rows.chunks_exact(3 * h).zip(v.chunks_exact_mut(hd)) {
+                dst.copy_from_slice(&row[2 * h + head * hd..][..hd]);
+            }
+            let v = &v[..];
+            let mut scores = vec![0f32; 4 * stride];
+            let q = |t: usize| &rows[t * 3 * h + head * hd..][..hd];
+            let vs = hd;
+            let sc = &mut scores;
+            for (t, outs) in (0..len).step_by(4).zip(block.chunks_mut(4 * hd)) {
+                let mut outs = outs.chunks_exact_mut(hd);
+                let mut o = || outs.next().expect("a row per query");
+                match (len - t).min(4) {
+                    4 => {
+                        let qs = [q(t), q(t + 1), q(t + 2), q(t + 3)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(), o(), o(), o()]);
+                    }
+                    3 => {
+                        let qs = [q(t), q(t + 1), q(t + 2)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(), o(), o()]);
+                    }
+                    2 => attend(
+                        [q(t), q(t + 1)],
+                        &kt,
+                        stride,
+                        len,
+                        v,
+                        vs,
+                        scale,
+                        sc,
+                        [o(), o()],
+                    ),
+                    _ => attend([q(t)], &kt, stride, len, v, vs, scale, sc, [o()]),
+                }
             }
         });
     }
 
-    /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`
-    /// in the first `tokens × hidden` floats of `sc.x`. Matrix products run over all tokens
-    /// at once; attention stays within each sequence.
-    fn encode(&self, tokens: &[Token], seqs: &[Seq], sc: &mut Scratch) {
+    /// Gather the contexts of [`Bert::attention`]'s blocks into rows: `ctx` is
+    /// `[tokens, hidden]`, each row its token's heads side by side.
+    fn gather_heads(&self, blocks: &[f32], seqs: &[Seq], ctx: &mut [f32]) {
         let h = self.config.hidden_size;
-        let n = tokens.len();
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let x = prefix(&mut sc.x, n * h);
-        self.embed(tokens, x);
-        let qkv = prefix(&mut sc.qkv, n * 3 * h);
-        // Keys transposed per (sequence, head): `hd` rows of the sequence length rounded up
-        // to 8, so a query's scores are 8 keys per vector.
-        let kt_offset: Vec<usize> = seqs
-            .iter()
-            .scan(0, |o, s| {
-                let at = *o;
-                *o += heads * hd * s.len.next_multiple_of(8);
-                Some(at)
-            })
-            .collect();
-        let kt_len = seqs
-            .iter()
-            .map(|s| heads * hd * s.len.next_multiple_of(8))
-            .sum();
-        let kt = prefix(&mut sc.kt, kt_len);
-        let ctx = prefix(&mut sc.ctx, n * h);
-        let tmp = prefix(&mut sc.tmp, n * h);
-        let ffn = prefix(&mut sc.ffn, n * self.config.intermediate_size);
-        for (li, layer) in self.layers.iter().enumerate() {
-            self.record(li, 0, x);
-            layer.qkv.matmul(x, qkv, &self.pool);
-            self.transpose_keys(qkv, seqs, kt);
-            let (qkv_r, kt_r) = (&*qkv, &*kt);
-            self.pool.for_each_chunk(ctx, ATTN_ROWS * h, |chunk, out| {
-                let mut scores = Vec::new();
-                // The task's queries in groups of up to four consecutive ones of the same
-                // sequence (they share their key and value loads): (token, its row in
-                // `out`, group size).
-                let first = chunk * ATTN_ROWS;
-                let count = out.len() / h;
-                let mut groups = Vec::with_capacity(count);
-                let mut r = 0;
-                while r < count {
-                    let t = first + r;
-                    let mut g = 1;
-                    while g < 4 && r + g < count && tokens[t + g].seq == tokens[t].seq {
-                        g += 1;
-                    }
-                    groups.push((t, r, g));
-                    r += g;
+        for s in seqs {
+            let rows = &mut ctx[s.start * h..(s.start + s.len) * h];
+            let seq_blocks = &blocks[s.start * h..(s.start + s.len) * h];
+            for (head, block) in seq_blocks.chunks_exact(s.len.max(1) * hd).enumerate() {
+                for (row, b) in rows.chunks_exact_mut(h).zip(block.chunks_exact(hd)) {
+                    row[head * hd..][..hd].copy_from_slice(b);
                 }
-                let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(h).collect();
-                let q = |t: usize, head: usize| &qkv_r[t * 3 * h + head * hd..][..hd];
-                // Head by head, so one head's keys and values stay in cache for all the
-                // task's queries.
-                for head in 0..heads {
-                    for &(t, r, g) in &groups {
-                        let si = tokens[t].seq;
-                        let s = &seqs[si];
-                        let stride = s.len.next_multiple_of(8);
-                        scores.resize(4 * stride, 0.0);
-                        let kt = &kt_r[kt_offset[si] + head * hd * stride..][..hd * stride];
-                        let v = &qkv_r[s.start * 3 * h + 2 * h + head * hd..];
-                        let mut outs = rows[r..r + g].iter_mut().map(|o| &mut o[head * hd..][..hd]);
-                        let mut o = || outs.next().expect("a row per query");
-                        let sc = &mut scores;
-                        let q = |i: usize| q(t + i, head);
-                        let (len, vs) = (s.len, 3 * h);
-                        match g {
-                            4 => attend(
-                                [q(0), q(1), q(2), q(3)],
-                                kt,
-                                stride,
-                                len,
-                                v,
-                                vs,
-                                scale,
-                                sc,
-                                [o(), o(), o(), o()],
-                            ),
-                            3 => attend(
-                                [q(0), q(1), q(2)],
-                                kt,
-                                stride,
-                                len,
-                                v,
-                                vs,
-                                scale,
-                                sc,
-                                [o(), o(), o()],
-                            ),
-                            2 => {
-                                attend([q(0), q(1)], kt, stride, len, v, vs, scale, sc, [o(), o()])
-                            }
-                            _ => attend([q(0)], kt, stride, len, v, vs, scale, sc, [o()]),
-                        }
-                    }
+            }
+        }
+    }
+
+    /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`
+    /// in the first `tokens × hidden` floats of `sc.x`. Attention stays within each sequence.
+    ///
+    /// Two ways to spread the work, chosen for speed only (every element is computed in the
+    /// same order either way, so the bits are the same): with enough sequences of similar
+    /// length, each layer runs a whole sequence per task on one thread (no hand-overs inside
+    /// a layer, and a sequence's intermediate results stay in that core's cache); otherwise
+    /// the steps of each layer run over all tokens at once, each split among the threads.
+    fn encode(&self, tokens: &[Token], seqs: &[Seq], sc: &mut Scratch) {
+        let h = self.config.hidden_size;
+        let x = prefix(&mut sc.x, tokens.len() * h);
+        self.embed(tokens, x);
+        if !self.by_sequence(seqs) {
+            for (li, layer) in self.layers.iter().enumerate() {
+                self.layer(li, layer, x, seqs, &mut sc.work, &self.pool);
+            }
+            return;
+        }
+        let serial = ThreadPool::serial();
+        let lock = || self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut parts = Vec::with_capacity(seqs.len());
+            let mut rest = &mut x[..];
+            for s in seqs {
+                let (part, tail) = rest.split_at_mut(s.len * h);
+                parts.push((part, s.len));
+                rest = tail;
+            }
+            self.pool.map(parts, |(part, len)| {
+                let mut work = lock().pop().unwrap_or_default();
+                let one = [Seq { start: 0, len }];
+                self.layer(li, layer, part, &one, &mut work, &serial);
+                let mut spare = lock();
+                if spare.len() < self.pool.threads() && work.floats() <= Scratch::KEEP / 8 {
+                    spare.push(work);
                 }
             });
-            self.record(li, 1, ctx);
-            layer.attn_out.matmul(ctx, tmp, &self.pool);
-            self.norm(tmp, Some(x), &layer.attn_norm);
-            self.record(li, 2, tmp);
-            layer.ffn_in.matmul_gelu(tmp, ffn, &self.pool);
-            self.record(li, 3, ffn);
-            layer.ffn_out.matmul(ffn, x, &self.pool);
-            self.norm(x, Some(tmp), &layer.ffn_norm);
         }
+    }
+
+    /// Whether [`Bert::encode`] runs sequence by sequence: at least two sequences per thread
+    /// and none longer than half a thread's even share of the tokens (so no task is left
+    /// running alone at the end of a layer).
+    fn by_sequence(&self, seqs: &[Seq]) -> bool {
+        let threads = self.pool.threads();
+        let total: usize = seqs.iter().map(|s| s.len).sum();
+        let longest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
+        seqs.len() >= 2 * threads && longest * 2 * threads <= total
+    }
+
+    /// One encoder layer over `x` (`[tokens, hidden]`, the tokens of `seqs`), in place, its
+    /// steps split among `pool`'s threads.
+    fn layer(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &mut [f32],
+        seqs: &[Seq],
+        w: &mut Work,
+        pool: &ThreadPool,
+    ) {
+        let h = self.config.hidden_size;
+        let n = x.len() / h;
+        let qkv = prefix(&mut w.qkv, n * 3 * h);
+        let blocks = prefix(&mut w.blocks, n * h);
+        let ctx = prefix(&mut w.ctx, n * h);
+        let tmp = prefix(&mut w.tmp, n * h);
+        let ffn = prefix(&mut w.ffn, n * self.config.intermediate_size);
+        self.record(li, 0, x);
+        layer.qkv.matmul(x, qkv, pool);
+        self.attention(qkv, seqs, blocks, pool);
+        self.gather_heads(blocks, seqs, ctx);
+        self.record(li, 1, ctx);
+        layer.attn_out.matmul(ctx, tmp, pool);
+        self.norm(tmp, Some(x), &layer.attn_norm, pool);
+        self.record(li, 2, tmp);
+        layer.ffn_in.matmul_gelu(tmp, ffn, pool);
+        self.record(li, 3, ffn);
+        layer.ffn_out.matmul(ffn, x, pool);
+        self.norm(x, Some(tmp), &layer.ffn_norm, pool);
     }
 }
 
 /// Rows per parallel task in the row-wise steps (LayerNorm, GELU).
 const ROWS: usize = 8;
-/// Queries per parallel task in attention (each head's keys and values are read once per
-/// task).
-const ATTN_ROWS: usize = 16;
 
 /// A token that takes part in the computation (attention mask 1).
 struct Token {
@@ -746,8 +781,6 @@ struct Token {
     ty: usize,
     /// Its position in its sequence (for the position embedding).
     pos: usize,
-    /// Which sequence it belongs to.
-    seq: usize,
 }
 
 /// A sequence's kept tokens: `tokens[start..start + len]`.
@@ -831,12 +864,7 @@ impl Backend for Bert {
                         ))
                     })?;
                 if mask_v[at] != 0 {
-                    tokens.push(Token {
-                        id,
-                        ty,
-                        pos: t,
-                        seq: r,
-                    });
+                    tokens.push(Token { id, ty, pos: t });
                     kept.push(at);
                 }
             }
