@@ -316,7 +316,9 @@ impl Store {
                     !name.to_string_lossy().starts_with('.')
                         && !["locks", "blobs", "tmp"].iter().any(|n| name == *n)
                 });
-            if non_empty {
+            // Another process may have finished creating the store between the check above
+            // and the listing: its oci-layout is written before anything else we would see.
+            if non_empty && !layout.exists() {
                 return Err(StoreError::Damaged {
                     path: root,
                     reason: "the directory is not empty and has no oci-layout file, so it is not a mote store; point MOTE_HOME at an empty or new directory".into(),
