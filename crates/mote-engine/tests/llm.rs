@@ -97,12 +97,10 @@ fn logits_and_teacher_forced_argmax_match_llama_cpp() {
         "teacher-forced argmax agreement: {agree}/{} = {rate:.4}",
         all.len()
     );
-    // The references come from llama.cpp 0.3.36 on another machine. The same llama.cpp
-    // on this one (AVX2, no AVX-512) is 0.42 to 0.70 away in max abs logit and agrees on
-    // 95.7% to 96.9% of the argmaxes, depending on its KV-cache type and flash attention:
-    // near-ties flip with any change of rounding. These bounds hold for a faithful
-    // implementation and catch real errors (a wrong RoPE layout or norm gives agreement
-    // far below 50%); the tighter bars are discussed in its note.
+    // mote evaluates every row as llama.cpp's CPU backend evaluates a prompt (Q8_1
+    // activations, f16 attention in tinyBLAS order, its SIMD expf, libm RoPE angles), so
+    // on x86-64 with glibc it reproduces the references bit for bit (max 0, 256/256). The
+    // bars are the issue's: a wrong rounding anywhere drifts past them within 30 layers.
     let mean_diff = got
         .iter()
         .zip(want)
@@ -110,9 +108,9 @@ fn logits_and_teacher_forced_argmax_match_llama_cpp() {
         .sum::<f32>()
         / got.len() as f32;
     eprintln!("mean |logit - llama.cpp|: {mean_diff}");
-    assert!(rate >= 0.94, "agreement {rate}");
-    assert!(max_diff <= 1.0, "max abs logit difference {max_diff}");
-    assert!(mean_diff <= 0.15, "mean abs logit difference {mean_diff}");
+    assert!(rate >= 0.98, "agreement {rate}");
+    assert!(max_diff <= 0.25, "max abs logit difference {max_diff}");
+    assert!(mean_diff <= 0.05, "mean abs logit difference {mean_diff}");
 }
 
 #[test]

@@ -86,9 +86,20 @@ fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
         quant::matmul_rows(qt, w, stride, 2, &qx, cols / 32, &mut out);
         for r in 0..2 {
             for t in 0..2 {
-                let exact: f64 = (0..cols)
+                let mut exact: f64 = (0..cols)
                     .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
                     .sum();
+                if qt == QType::Q4_1 {
+                    // Q4_1's minimum term takes each activation block's own `s` (llama.cpp's
+                    // block_q8_1), not `d·Σq` with the f16-rounded `d`.
+                    for b in 0..cols / 32 {
+                        let wb = &w[r * stride + b * 20..];
+                        let m = half::f16::from_le_bytes([wb[2], wb[3]]).to_f32() as f64;
+                        let xb = &qx[t * cols / 32 + b];
+                        let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
+                        exact += m * (xb.s as f64 - xb.d as f64 * sum as f64);
+                    }
+                }
                 let mag: f64 = (0..cols)
                     .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
                     .sum();

@@ -1,6 +1,11 @@
 //! The Llama-family decoder (SmolLM/SmolLM2, TinyLlama, Llama-3.2-style): GQA attention with
 //! RoPE as the GGUF file parameterises it, RMSNorm, SwiGLU, tied or separate output
-//! embeddings, an f32 KV cache per sequence.
+//! embeddings, an f16 KV cache per sequence.
+//!
+//! The arithmetic is llama.cpp's CPU evaluation of a prompt, operation by operation (its
+//! RMSNorm with an f64 sum of f32 squares, its RoPE angles by repeated f32 products and
+//! libm `cosf`/`sinf`, Q8_1 activations, f16 keys, values, queries and probabilities, its
+//! SIMD `expf`; see [`super::quant`] and [`super::ops`]), so mote reproduces its logits.
 //!
 //! [`Llama::forward`] takes a batch of sequences, each with the tokens to append (a whole
 //! prompt, or one generated token). All rows go through the matrix kernels together; each
@@ -14,6 +19,9 @@ use std::sync::Arc;
 use mote_store::Mapped;
 use mote_store::formats::gguf::{GgmlType, Gguf, TensorInfo};
 
+use half::f16;
+
+use super::ops;
 use super::quant::{self, Q8Block, QK, QType};
 use crate::error::{EngineError, Result};
 use crate::native::kernels;
@@ -84,8 +92,10 @@ pub struct Llama {
     norm: Vec<f32>,
     /// `None` when the output projection is tied to the embeddings.
     output: Option<Matrix>,
-    /// Per rotated pair: the inverse frequency (base^(-2i/n), divided by any frequency factor).
-    inv_freq: Vec<f64>,
+    /// RoPE: the angle ratio between adjacent pairs, `base^(-2/n)` in f32.
+    theta_scale: f32,
+    /// RoPE: per-pair frequency divisors (`rope_freqs.weight`), if the file has them.
+    rope_factors: Option<Vec<f32>>,
     pool: ThreadPool,
 }
 
@@ -94,8 +104,8 @@ pub struct Llama {
 pub struct Sequence {
     /// The tokens processed so far.
     pub tokens: Vec<u32>,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
 }
 
 impl Sequence {
@@ -119,7 +129,7 @@ impl Sequence {
 
     /// Bytes held by the cache.
     pub fn cache_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|c| c.capacity() * 4).sum()
+        self.k.iter().chain(&self.v).map(|c| c.capacity() * 2).sum()
     }
 }
 
@@ -266,16 +276,11 @@ impl Llama {
             Some(t) => Some(load_matrix(t, &map, base, c.vocab, c.dim)?),
             None => None,
         };
-        let factors = match find("rope_freqs.weight") {
+        let rope_factors = match find("rope_freqs.weight") {
             Some(_) => Some(vector("rope_freqs.weight", c.rope_dims / 2)?),
             None => None,
         };
-        let inv_freq = (0..c.rope_dims / 2)
-            .map(|i| {
-                let f = (c.rope_base as f64).powf(-2.0 * i as f64 / c.rope_dims as f64);
-                f / factors.as_ref().map_or(1.0, |v| v[i] as f64)
-            })
-            .collect();
+        let theta_scale = c.rope_base.powf(-2.0 / c.rope_dims as f32);
         Ok(Llama {
             config,
             map,
@@ -283,7 +288,8 @@ impl Llama {
             layers,
             norm,
             output,
-            inv_freq,
+            theta_scale,
+            rope_factors,
             pool,
         })
     }
@@ -384,11 +390,12 @@ impl Llama {
             self.rope(&mut q, c.heads, &positions);
             self.rope(&mut k, c.kv_heads, &positions);
             for (i, &(s, _, _)) in rows.iter().enumerate() {
-                seqs[s].k[li].extend_from_slice(&k[i * kvw..(i + 1) * kvw]);
-                seqs[s].v[li].extend_from_slice(&v[i * kvw..(i + 1) * kvw]);
+                let half = |x: &[f32]| x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>();
+                seqs[s].k[li].extend(half(&k[i * kvw..(i + 1) * kvw]));
+                seqs[s].v[li].extend(half(&v[i * kvw..(i + 1) * kvw]));
             }
             {
-                let caches: Vec<(&[f32], &[f32])> = seqs
+                let caches: Vec<(&[f16], &[f16])> = seqs
                     .iter()
                     .map(|s| (s.k[li].as_slice(), s.v[li].as_slice()))
                     .collect();
@@ -402,14 +409,9 @@ impl Llama {
                     let (kc, vc) = caches[s];
                     let qv = &q[row * d + head * hd..][..hd];
                     let off = (head / group) * hd;
-                    let mut scores: Vec<f32> = (0..=pos)
-                        .map(|j| kernels::dot(qv, &kc[j * kvw + off..][..hd]) * scale)
-                        .collect();
-                    kernels::softmax(&mut scores);
-                    out.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        kernels::axpy(p, &vc[j * kvw + off..][..hd], out);
-                    }
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        ops::attend(qv, kc, vc, kvw, off, pos + 1, scale, out, scratch)
+                    });
                 });
             }
             let qa = self.quantize(&attn, d, &mut qbuf);
@@ -498,14 +500,16 @@ impl Llama {
         }
     }
 
-    /// `out = x / rms(x) · w`, row by row (sum of squares in f64, in order).
+    /// `out = x · (1/√(mean(x²) + eps)) · w`, row by row, as llama.cpp's `rms_norm` then
+    /// `mul`: squares in f32 summed in f64 in order, the mean and scale in f32.
     fn rms_norm(&self, x: &[f32], w: &[f32], out: &mut [f32]) {
         let d = w.len();
-        let eps = self.config.eps as f64;
+        let eps = self.config.eps;
         self.each_row(out, d, |i, or| {
             let xr = &x[i * d..(i + 1) * d];
-            let ss: f64 = xr.iter().map(|&v| v as f64 * v as f64).sum();
-            let scale = (1.0 / (ss / d as f64 + eps).sqrt()) as f32;
+            let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (ss / d as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
             for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
                 *o = xv * scale * wv;
             }
@@ -513,20 +517,26 @@ impl Llama {
     }
 
     /// Rotate adjacent pairs `(2i, 2i+1)` of the first `rope_dims` of each head (GGUF's
-    /// Llama layout).
+    /// Llama layout), with llama.cpp's angles: `θ₀ = position`, `θᵢ₊₁ = θᵢ · theta_scale`
+    /// in f32, each divided by its frequency factor and scaled by `1/rope_scale`.
     fn rope(&self, x: &mut [f32], heads: usize, positions: &[usize]) {
         let hd = self.config.head_dim;
-        let scale = self.config.rope_scale as f64;
+        let freq_scale = 1.0 / self.config.rope_scale;
+        let pairs = self.config.rope_dims / 2;
         self.each_row(x, heads * hd, |r, row| {
-            let p = positions[r] as f64 / scale;
-            for (i, &f) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = (p * f).sin_cos();
-                let (sin, cos) = (sin as f32, cos as f32);
+            let mut theta = positions[r] as f32;
+            for i in 0..pairs {
+                let ff = self.rope_factors.as_ref().map_or(1.0, |f| f[i]);
+                let t = freq_scale * (theta / ff);
+                let (cos, sin) = (t.cos(), t.sin());
+                theta *= self.theta_scale;
                 for h in 0..heads {
                     let a = h * hd + 2 * i;
                     let (x0, x1) = (row[a], row[a + 1]);
-                    row[a] = x0 * cos - x1 * sin;
-                    row[a + 1] = x0 * sin + x1 * cos;
+                    // llama.cpp's compiled `x0*cos - x1*sin` and `x0*sin + x1*cos`
+                    // fuse the first product into an FMA.
+                    row[a] = x0.mul_add(cos, -(x1 * sin));
+                    row[a + 1] = x0.mul_add(sin, x1 * cos);
                 }
             }
         });
@@ -535,11 +545,7 @@ impl Llama {
     /// `gate = silu(gate) · up`, element-wise.
     fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
         let f = self.config.ffn_dim;
-        self.each_row(gate, f, |i, g| {
-            for (gv, &uv) in g.iter_mut().zip(&up[i * f..(i + 1) * f]) {
-                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-            }
-        });
+        self.each_row(gate, f, |i, g| ops::swiglu(g, &up[i * f..(i + 1) * f]));
     }
 
     /// Quantise the rows of `x` (width `k`) into `buf` (reused between calls).
@@ -648,6 +654,11 @@ impl Llama {
             }
         }
     }
+}
+
+thread_local! {
+    /// Each pool thread's attention scores (reused between calls).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out[c][r] = t[r][c]` for `t: [rows, cols]`.

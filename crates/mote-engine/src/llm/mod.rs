@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod llama;
+pub mod ops;
 pub mod quant;
 pub mod sample;
 pub mod tokenizer;

@@ -2,17 +2,20 @@
 //! dot-product kernels of the language-model path.
 //!
 //! A weight row is a run of 32-element blocks, each with an f16 scale (and for Q4_1 an f16
-//! minimum). Activations are quantised per 32-element block to int8 with an f32 scale, so a
-//! block's dot product is an exact integer sum.
+//! minimum). Activations are quantised per 32-element block to int8 as llama.cpp's
+//! `block_q8_1` does (scale and `d·Σq` stored as f16), so a block's dot product is an exact
+//! integer sum and the arithmetic is the one llama.cpp's CPU backend performs.
 //!
 //! Determinism by construction: the canonical order is defined on eight lanes. Lane `l` of a
 //! block is the exact integer sum of elements `4l..4l+3`; per block, lane `l` of the
-//! accumulator takes `fma(dw·dx, p_l, acc_l)` (and for Q4_1 `fma(mw, sx_l, acc_l)` with
-//! `sx_l = dx·Σ qx` over the same four elements); the lanes are reduced as
-//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`. The scalar reference does exactly that, the AVX2
-//! path does it eight lanes at a time, so every ISA level gives the same bits. Rows are split
-//! across threads by output element, never along the summed dimension, and a token's
-//! activations are quantised on their own, so results do not depend on batch-mates.
+//! accumulator takes `fma(dw·dx, p_l, acc_l)`; for Q4_1 a separate scalar takes
+//! `fma(mw, sx, summ)` block by block (`sx` = the activation block's `d·Σq`); the result is
+//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) + summ`. That is llama.cpp's
+//! `ggml_vec_dot_q4_1_q8_1` and tinyBLAS's Q8_0 tile order on x86. The scalar reference does
+//! exactly that, the AVX2 path does it eight lanes at a time, so every ISA level gives the
+//! same bits. Rows are split across threads by output element, never along the summed
+//! dimension, and a token's activations are quantised on their own, so results do not
+//! depend on batch-mates.
 
 use half::{bf16, f16};
 
@@ -49,16 +52,16 @@ impl QType {
 pub struct Q8Block {
     /// The int8 values (never -128).
     pub qs: [i8; QK],
-    /// Scale: `x ≈ qs·d`.
+    /// Scale, rounded through f16 as llama.cpp stores it: `x ≈ qs·d`.
     pub d: f32,
-    /// `d · Σ qs` over each lane's four elements (used by Q4_1's minimum term).
-    pub sx: [f32; 8],
+    /// `(max|x|/127) · Σ qs`, rounded through f16 (llama.cpp's `block_q8_1::s`; used by
+    /// Q4_1's minimum term).
+    pub s: f32,
 }
 
-/// Quantise one row of activations (`x.len()` a multiple of 32) into `out`: per block,
-/// `d = max|x| / 127`, `y = x · (1/d)`, `q = trunc(y + copysign(0.5, y))` in f32 (rounding
-/// half away from zero, as llama.cpp's reference quantiser does; ties to even measurably
-/// worsened agreement with llama.cpp's logits).
+/// Quantise one row of activations (`x.len()` a multiple of 32) into `out` as llama.cpp's
+/// x86 `quantize_row_q8_1` does: per block, `q = round_ties_even(x · (127 / max|x|))` in
+/// f32, `d = f16(max|x| / 127)`, `s = f16((max|x| / 127) · Σ q)`.
 pub fn quantize_row(x: &[f32], out: &mut [Q8Block]) {
     assert_eq!(x.len(), out.len() * QK, "row length is not blocks × 32");
     match isa() {
@@ -73,24 +76,21 @@ pub fn quantize_row(x: &[f32], out: &mut [Q8Block]) {
 pub fn quantize_row_scalar(x: &[f32], out: &mut [Q8Block]) {
     for (xb, ob) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         for (q, &v) in ob.qs.iter_mut().zip(xb) {
-            let y = v * id;
-            *q = (y + 0.5f32.copysign(y)).trunc().clamp(-127.0, 127.0) as i8;
+            *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
         }
-        finish_block(ob, d);
+        finish_block(ob, amax);
     }
 }
 
-/// Set the scale and the lane sums of a block whose `qs` are final.
+/// Set the scale and the sum term of a block whose `qs` are final.
 #[inline]
-fn finish_block(ob: &mut Q8Block, d: f32) {
-    ob.d = d;
-    for l in 0..8 {
-        let s: i32 = ob.qs[4 * l..4 * l + 4].iter().map(|&q| i32::from(q)).sum();
-        ob.sx[l] = d * s as f32;
-    }
+fn finish_block(ob: &mut Q8Block, amax: f32) {
+    let d = amax / 127.0;
+    let sum: i32 = ob.qs.iter().map(|&q| i32::from(q)).sum();
+    ob.d = f16::from_f32(d).to_f32();
+    ob.s = f16::from_f32(d * sum as f32).to_f32();
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -189,6 +189,7 @@ pub fn dot_scalar(ty: QType, w: &[u8], x: &[Q8Block]) -> f32 {
         "weight row and activations differ in length"
     );
     let mut acc = [0f32; 8];
+    let mut summ = 0f32;
     for (b, xb) in w.chunks_exact(bb).zip(x) {
         let (wq, d, m) = weight_block(ty, b);
         let dd = d * xb.d;
@@ -197,12 +198,19 @@ pub fn dot_scalar(ty: QType, w: &[u8], x: &[Q8Block]) -> f32 {
                 .map(|i| wq[i] * i32::from(xb.qs[i]))
                 .sum();
             *a = dd.mul_add(p as f32, *a);
-            if ty == QType::Q4_1 {
-                *a = m.mul_add(xb.sx[l], *a);
-            }
+        }
+        if ty == QType::Q4_1 {
+            summ = min_term(m, xb.s, summ);
         }
     }
-    reduce8(acc)
+    reduce8(acc) + summ
+}
+
+/// One block's share of Q4_1's minimum term: `summ + m·s` as llama.cpp's compiled
+/// `summs += m * s` computes it.
+#[inline(always)]
+fn min_term(m: f32, s: f32, summ: f32) -> f32 {
+    m.mul_add(s, summ)
 }
 
 /// `out[r * n_tok + t] = dot(w row r, x token t)` for the weight rows `w` (`rows` of them,
@@ -334,6 +342,7 @@ macro_rules! x86_kernels {
             bb: usize,
         ) -> [[f32; T]; R] {
             let mut acc = [[_mm256_setzero_ps(); T]; R];
+            let mut summ = [[0f32; T]; R];
             for b in 0..nb {
                 let mut wv = [_mm256_setzero_si256(); R];
                 let mut dw = [0f32; R];
@@ -350,14 +359,13 @@ macro_rules! x86_kernels {
                 for t in 0..T {
                     // SAFETY: block b of token t is inside its nb blocks.
                     let xb = unsafe { &*x[t].add(b) };
-                    // SAFETY: qs is 32 bytes; sx is 8 floats.
+                    // SAFETY: qs is 32 bytes.
                     let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-                    let sx = unsafe { _mm256_loadu_ps(xb.sx.as_ptr()) };
                     for r in 0..R {
                         let p = lanes::<TY>(wv[r], xv);
                         acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), p, acc[r][t]);
                         if TY == 1 {
-                            acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(mw[r]), sx, acc[r][t]);
+                            summ[r][t] = super::super::min_term(mw[r], xb.s, summ[r][t]);
                         }
                     }
                 }
@@ -365,7 +373,7 @@ macro_rules! x86_kernels {
             let mut out = [[0f32; T]; R];
             for r in 0..R {
                 for t in 0..T {
-                    out[r][t] = reduce(acc[r][t]);
+                    out[r][t] = reduce(acc[r][t]) + summ[r][t];
                 }
             }
             out
@@ -486,13 +494,12 @@ pub(crate) mod avx2 {
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
             let m = _mm_max_ss(m, _mm_movehdup_ps(m));
             let amax = _mm_cvtss_f32(m);
-            let d = amax / 127.0;
-            let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-            let half = _mm256_set1_ps(0.5);
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
             let q = v.map(|v| {
                 let y = _mm256_mul_ps(v, id);
-                let h = _mm256_or_ps(half, _mm256_and_ps(sign, y));
-                _mm256_cvttps_epi32(_mm256_add_ps(y, h))
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(y))
             });
             // i32 -> i16 -> i8 (packs interleave 128-bit lanes; the permute restores order).
             let q16a = _mm256_packs_epi32(q[0], q[1]);
@@ -501,7 +508,7 @@ pub(crate) mod avx2 {
             let q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             // SAFETY: qs is 32 bytes.
             unsafe { _mm256_storeu_si256(ob.qs.as_mut_ptr() as *mut __m256i, q8) };
-            super::finish_block(ob, d);
+            super::finish_block(ob, amax);
         }
     }
 }
@@ -603,7 +610,7 @@ mod tests {
             for (a, b) in a.iter().zip(&b) {
                 prop_assert_eq!(a.qs, b.qs);
                 prop_assert_eq!(a.d.to_bits(), b.d.to_bits());
-                prop_assert_eq!(a.sx.map(f32::to_bits), b.sx.map(f32::to_bits));
+                prop_assert_eq!(a.s.to_bits(), b.s.to_bits());
             }
         }
 
@@ -618,7 +625,14 @@ mod tests {
             let mut wf = vec![0f32; nb * QK];
             dequantize_row(ty, &w, &mut wf);
             let xf: Vec<f32> = x.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
-            let want: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mut want: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
+            if ty == QType::Q4_1 {
+                // The minimum term takes the block's own `s`, not `d·Σq` with `d` in f16.
+                for (b, xb) in w.chunks_exact(ty.block_bytes()).zip(&x) {
+                    let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
+                    want += f16_at(b, 2) as f64 * (xb.s as f64 - xb.d as f64 * sum as f64);
+                }
+            }
             let got = dot_scalar(ty, &w, &x) as f64;
             let scale: f64 = wf.iter().zip(&xf).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum::<f64>() + 1e-6;
             prop_assert!((got - want).abs() <= 1e-5 * scale, "got {got}, want {want}");
@@ -634,7 +648,8 @@ mod tests {
         quantize_row(&x, &mut q);
         for (i, v) in x.iter().enumerate() {
             let b = &q[i / QK];
-            assert!((f32::from(b.qs[i % QK]) * b.d - v).abs() <= b.d * 0.5 + 1e-6);
+            // Half a step, plus the f16 rounding of the scale over 127 steps.
+            assert!((f32::from(b.qs[i % QK]) * b.d - v).abs() <= b.d * 0.57 + 1e-6);
         }
         let mut zero = vec![Q8Block::default(); 1];
         quantize_row(&[0.0; 32], &mut zero);
