@@ -169,6 +169,11 @@ impl LlamaConfig {
             )));
         }
         let head_dim = dim / heads;
+        if head_dim > 256 {
+            return Err(EngineError::Unsupported(format!(
+                "attention heads {head_dim} wide are not supported (at most 256)"
+            )));
+        }
         let rope_dims = meta_usize(g, "llama.rope.dimension_count").unwrap_or(head_dim);
         if rope_dims > head_dim || !rope_dims.is_multiple_of(2) {
             return Err(EngineError::Model(format!(
@@ -410,7 +415,15 @@ impl Llama {
                     let qv = &q[row * d + head * hd..][..hd];
                     let off = (head / group) * hd;
                     SCRATCH.with_borrow_mut(|scratch| {
-                        ops::attend(qv, kc, vc, kvw, off, pos + 1, scale, out, scratch)
+                        let head = ops::Head {
+                            k: kc,
+                            v: vc,
+                            stride: kvw,
+                            off,
+                            n: pos + 1,
+                            scale,
+                        };
+                        ops::attend(qv, &head, out, scratch)
                     });
                 });
             }

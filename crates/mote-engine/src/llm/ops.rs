@@ -53,25 +53,39 @@ fn swiglu_ref(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// One attention head's view of a sequence's cache.
+#[derive(Clone, Copy, Debug)]
+pub struct Head<'a> {
+    /// Keys: rows of `stride` values, one per position.
+    pub k: &'a [f16],
+    /// Values, laid out as `k`.
+    pub v: &'a [f16],
+    /// Values per cached position.
+    pub stride: usize,
+    /// Where this head's keys and values start in a row.
+    pub off: usize,
+    /// Positions attended to: `0..n`.
+    pub n: usize,
+    /// Score scale (`1/√head_dim`).
+    pub scale: f32,
+}
+
 /// Attention of one query head over positions `0..n` of a cache, as llama.cpp evaluates a
 /// prompt: scores `reduce16(fma(k, f16(q)))·scale`; softmax with [`expf`] over chunks of
 /// 16 positions summed in f64 (each chunk folded by [`reduce16`]) and scaled by
 /// `f32(1/sum)`; the probabilities rounded to f16; `out[d] = reduce16` of the `fma`
 /// chains of `v[j][d]·p[j]` over chunks of 16 positions. `k` and `v` hold rows of `stride`
-/// values; this head's are at `off..off + q.len()`.
+/// values; this head's are at `off..off + q.len()` (see [`Head`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_ref(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    stride: usize,
-    off: usize,
-    n: usize,
-    scale: f32,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+fn attend_ref(q: &[f32], head: &Head, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let Head {
+        k,
+        v,
+        stride,
+        off,
+        n,
+        scale,
+    } = *head;
     let hd = q.len();
     let chunks = n.div_ceil(LANES);
     let mut qh = [0f32; 256];
@@ -140,18 +154,15 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 }
 
 /// See [`attend_ref`]; compiled with FMA (and AVX-512 where the CPU has it).
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    k: &[f16],
-    v: &[f16],
-    stride: usize,
-    off: usize,
-    n: usize,
-    scale: f32,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+pub fn attend(q: &[f32], head: &Head, out: &mut [f32], scratch: &mut Vec<f32>) {
+    let Head {
+        k,
+        v,
+        stride,
+        off,
+        n,
+        ..
+    } = *head;
     assert!(
         q.len() <= 256 && out.len() == q.len(),
         "heads are at most 256 wide"
@@ -166,16 +177,16 @@ pub fn attend(
         match isa() {
             // SAFETY: as in `swiglu`.
             Isa::Avx512 | Isa::Avx512Vnni => {
-                return unsafe { x86::attend_avx512(q, k, v, stride, off, n, scale, out, scratch) };
+                return unsafe { x86::attend_avx512(q, head, out, scratch) };
             }
             // SAFETY: as in `swiglu`.
             Isa::Avx2 => {
-                return unsafe { x86::attend_avx2(q, k, v, stride, off, n, scale, out, scratch) };
+                return unsafe { x86::attend_avx2(q, head, out, scratch) };
             }
             _ => {}
         }
     }
-    attend_ref(q, k, v, stride, off, n, scale, out, scratch)
+    attend_ref(q, head, out, scratch)
 }
 
 /// The reference code compiled for x86 levels (same operations, hardware FMA).
@@ -185,25 +196,21 @@ mod x86 {
 
     use half::f16;
 
+    use super::Head;
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
         super::swiglu_ref(gate, up)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attend_avx2(
         q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        stride: usize,
-        off: usize,
-        n: usize,
-        scale: f32,
+        head: &Head,
         out: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        super::attend_ref(q, k, v, stride, off, n, scale, out, scratch)
+        super::attend_ref(q, head, out, scratch)
     }
 
     /// [`super::expf`] on sixteen lanes: llama.cpp's `ggml_v_expf` itself.
@@ -274,21 +281,23 @@ mod x86 {
     /// See [`super::attend_ref`]: one register per 16 head dimensions and per lane of 16
     /// positions, so each output's sixteen `fma` chains and their fold are the reference's.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attend_avx512(
         q: &[f32],
-        k: &[f16],
-        v: &[f16],
-        stride: usize,
-        off: usize,
-        n: usize,
-        scale: f32,
+        head: &Head,
         out: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
+        let Head {
+            k,
+            v,
+            stride,
+            off,
+            n,
+            scale,
+        } = *head;
         let hd = q.len();
         if !hd.is_multiple_of(16) || n == 0 {
-            return super::attend_ref(q, k, v, stride, off, n, scale, out, scratch);
+            return super::attend_ref(q, head, out, scratch);
         }
         let qc = hd / 16;
         let mut qh = [_mm512_setzero_ps(); 16];
@@ -382,11 +391,27 @@ mod tests {
         let k: Vec<f16> = (0..32).map(|i| f16::from_f32(i as f32 * 0.01)).collect();
         let v: Vec<f16> = (0..32).map(|i| f16::from_f32(i as f32)).collect();
         let mut out = [0f32; 16];
-        attend(&q, &k, &v, 16, 0, 1, 0.25, &mut out, &mut Vec::new());
+        let head = |n| Head {
+            k: &k,
+            v: &v,
+            stride: 16,
+            off: 0,
+            n,
+            scale: 0.25,
+        };
+        attend(&q, &head(1), &mut out, &mut Vec::new());
         assert_eq!(out.to_vec(), (0..16).map(|i| i as f32).collect::<Vec<_>>());
         // Equal scores: the mean of the values.
         let k = vec![f16::from_f32(1.0); 32];
-        attend(&q, &k, &v, 16, 0, 2, 0.25, &mut out, &mut Vec::new());
+        let head = |n| Head {
+            k: &k,
+            v: &v,
+            stride: 16,
+            off: 0,
+            n,
+            scale: 0.25,
+        };
+        attend(&q, &head(2), &mut out, &mut Vec::new());
         assert_eq!(
             out.to_vec(),
             (0..16).map(|i| i as f32 + 8.0).collect::<Vec<_>>()
@@ -432,7 +457,7 @@ mod tests {
 
         #[test]
         fn simd_attention_is_bit_identical_to_the_reference(
-            n in 1usize..70, head in 0usize..3, hd in prop_oneof![Just(16usize), Just(64), Just(24)],
+            n in 1usize..70, hi in 0usize..3, hd in prop_oneof![Just(16usize), Just(64), Just(24)],
             qs in proptest::collection::vec(-4f32..4f32, 64),
             cache in proptest::collection::vec(-3f32..3f32, 70 * 192),
             scale in prop_oneof![Just(0.125f32), 0.01f32..1.0],
@@ -441,10 +466,11 @@ mod tests {
             let k: Vec<f16> = cache[..n * stride].iter().map(|&x| f16::from_f32(x)).collect();
             let v: Vec<f16> = cache[..n * stride].iter().rev().map(|&x| f16::from_f32(x * 0.5)).collect();
             let q = &qs[..hd];
+            let head = Head { k: &k, v: &v, stride, off: hi * hd, n, scale };
             let mut want = vec![0f32; hd];
-            attend_ref(q, &k, &v, stride, head * hd, n, scale, &mut want, &mut Vec::new());
+            attend_ref(q, &head, &mut want, &mut Vec::new());
             let mut got = vec![0f32; hd];
-            attend(q, &k, &v, stride, head * hd, n, scale, &mut got, &mut Vec::new());
+            attend(q, &head, &mut got, &mut Vec::new());
             let mut outs = vec![got];
             #[cfg(target_arch = "x86_64")]
             {
@@ -452,13 +478,13 @@ mod tests {
                 if detect() >= Isa::Avx2 {
                     let mut o = vec![0f32; hd];
                     // SAFETY: the CPU has AVX2, FMA and F16C; shapes as `attend` checks.
-                    unsafe { x86::attend_avx2(q, &k, &v, stride, head * hd, n, scale, &mut o, &mut Vec::new()) };
+                    unsafe { x86::attend_avx2(q, &head, &mut o, &mut Vec::new()) };
                     outs.push(o);
                 }
                 if detect() >= Isa::Avx512 {
                     let mut o = vec![0f32; hd];
                     // SAFETY: the CPU has AVX-512 F besides AVX2; shapes as above.
-                    unsafe { x86::attend_avx512(q, &k, &v, stride, head * hd, n, scale, &mut o, &mut Vec::new()) };
+                    unsafe { x86::attend_avx512(q, &head, &mut o, &mut Vec::new()) };
                     outs.push(o);
                 }
             }
