@@ -38,7 +38,8 @@ pub struct Model {
 }
 
 impl Model {
-    /// Resolve `reference`, re-hash every file of the model, and load its backend.
+    /// Resolve `reference`, load its backend, and verify every file of the model against its
+    /// digest (each hashed once, as it is read).
     pub fn open(store: &Store, reference: &Reference, options: &EngineOptions) -> Result<Model> {
         let verified = store.open_model(reference)?;
         let info = verified.info.clone();
@@ -97,6 +98,9 @@ impl Model {
                 .collect(),
             None => Vec::new(),
         };
+        // The files the backend and pipelines read were hashed as they were read; this
+        // hashes the rest, so opening a model still verifies all of it (each file once).
+        verified.verify_unread()?;
         Ok(Model {
             info,
             engine,

@@ -583,6 +583,7 @@ fn model_files(spec: &ModelSpec, params: &[f32], run: &str) -> Vec<(String, Vec<
 pub fn load_model(store: &Store, digest: &Digest, spec: &ModelSpec) -> Result<Vec<f32>> {
     let model = store.open_model(&Reference::Digest(*digest))?;
     let bytes = model.read(WEIGHTS)?;
+    model.verify_unread()?;
     Ok(spec.from_safetensors(&bytes)?)
 }
 

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -110,21 +111,73 @@ impl ModelInfo {
     }
 }
 
-/// A model whose every blob was re-hashed just now.
+/// A model of the store whose files are verified against their digests: all of them at
+/// once by [`Store::verify`], or each as it is used after [`Store::open_model`].
+///
+/// Whatever [`VerifiedModel::read`] and [`VerifiedModel::map`] hand out was hashed as it was
+/// handed out, so a caller gets exactly the verified bytes even if the blob changed on disk
+/// in between; [`VerifiedModel::verify_unread`] hashes the files nobody has read, so that a
+/// load verifies every file of the model and hashes each once.
 #[derive(Clone, Debug)]
 pub struct VerifiedModel {
     /// Description of the model.
     pub info: ModelInfo,
+    /// Paths of the files whose bytes were hashed (shared by clones).
+    hashed: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl VerifiedModel {
-    /// Read one file of the model, checking its digest again as it is read (so what the
-    /// caller gets is exactly what was verified, even if the blob changed since).
+    fn new(info: ModelInfo, hashed: BTreeSet<String>) -> VerifiedModel {
+        VerifiedModel {
+            info,
+            hashed: Arc::new(Mutex::new(hashed)),
+        }
+    }
+
+    fn mark(&self, path: &str) {
+        self.hashed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(path.to_string());
+    }
+
+    /// Read one file of the model, checking its digest as it is read (so what the caller
+    /// gets is exactly what was verified, even if the blob changed since).
     pub fn read(&self, path: &str) -> Result<Vec<u8>> {
         let (model, file) = self.file(path)?;
         let bytes = fs::read(&file.blob).at("cannot read", &file.blob)?;
         Self::check(model, path, file, &bytes)?;
+        self.mark(path);
         Ok(bytes)
+    }
+
+    /// Hash every file of the model that [`VerifiedModel::read`] and [`VerifiedModel::map`]
+    /// have not: after a load has read what it uses, this completes the check of the whole
+    /// artifact (each file hashed once).
+    pub fn verify_unread(&self) -> Result<()> {
+        for file in &self.info.files {
+            let done = self
+                .hashed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&file.path);
+            if done {
+                continue;
+            }
+            let (model, _) = self.file(&file.path)?;
+            let f = File::open(&file.blob).at("cannot open", &file.blob)?;
+            let (actual, _) = Digest::of_reader(f).at("cannot read", &file.blob)?;
+            if actual != file.digest {
+                return Err(StoreError::Corrupt {
+                    model,
+                    file: file.path.clone(),
+                    expected: file.digest,
+                    actual,
+                });
+            }
+            self.mark(&file.path);
+        }
+        Ok(())
     }
 
     /// Memory-map one file of the model read-only, checking the digest of the mapped bytes
@@ -138,6 +191,7 @@ impl VerifiedModel {
         let f = File::open(&file.blob).at("cannot open", &file.blob)?;
         if file.size == 0 {
             Self::check(model, path, file, &[])?;
+            self.mark(path);
             return Ok(Mapped(MappedInner::Empty));
         }
         // SAFETY: the blob is a read-only (0444) content-addressed file that the store only
@@ -145,6 +199,7 @@ impl VerifiedModel {
         // read-only and private, and its contents are hashed below before anyone uses them.
         let map = unsafe { memmap2::Mmap::map(&f) }.at("cannot memory-map", &file.blob)?;
         Self::check(model, path, file, &map)?;
+        self.mark(path);
         Ok(Mapped(MappedInner::Map(map)))
     }
 
@@ -737,7 +792,7 @@ impl Store {
                     return Err(StoreError::Damaged {
                         path: file.blob.clone(),
                         reason: format!(
-                            "{model}: {} has {size} bytes where the manifest says {}",
+                            "{model}: {} has {size} bytes where the manifest says {}; re-import the model to restore it",
                             file.path, file.size
                         ),
                     });
@@ -759,12 +814,43 @@ impl Store {
                 }
             }
         }
-        Ok(VerifiedModel { info })
+        let hashed = info.files.iter().map(|f| f.path.clone()).collect();
+        Ok(VerifiedModel::new(info, hashed))
     }
 
-    /// Open a model for use: resolve and re-hash everything it consists of.
+    /// Open a model for use: resolve it and check that every blob it consists of is present
+    /// with its recorded size. The bytes are hashed as they are used: [`VerifiedModel::read`]
+    /// and [`VerifiedModel::map`] check each file they hand out, and
+    /// [`VerifiedModel::verify_unread`] the rest, so a load hashes every file once (where
+    /// [`Store::verify`] followed by reads hashed the weights twice).
     pub fn open_model(&self, reference: &Reference) -> Result<VerifiedModel> {
-        self.verify(reference)
+        let (index, _) = self.state(false)?;
+        let digest = self.resolve_in(&index, reference)?;
+        let info = self.info_in(&index, digest)?;
+        let model = Self::label(&index, &digest);
+        for file in &info.files {
+            let size = match fs::metadata(self.blobs.path(&file.digest)) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::MissingBlob {
+                        model,
+                        file: file.path.clone(),
+                        digest: file.digest,
+                    });
+                }
+                Err(e) => return Err(e).at("cannot read the metadata of", &file.blob),
+            };
+            if size != file.size {
+                return Err(StoreError::Damaged {
+                    path: file.blob.clone(),
+                    reason: format!(
+                        "{model}: {} has {size} bytes where the manifest says {}; re-import the model to restore it",
+                        file.path, file.size
+                    ),
+                });
+            }
+        }
+        Ok(VerifiedModel::new(info, BTreeSet::new()))
     }
 
     /// Verify every model in the store; one result per model.

@@ -246,24 +246,81 @@ fn a_flipped_byte_fails_verification_naming_file_and_digests_and_changes_nothing
         v
     };
     let before = listing(s.root());
-    let err = s.open_model(&reference("m")).unwrap_err();
-    match &err {
-        StoreError::Corrupt {
-            model,
-            file,
-            expected,
-            actual,
-        } => {
-            assert!(model.contains("m:latest") && model.contains(&out.digest.to_string()));
-            assert_eq!(file, "m.gguf");
-            assert_eq!(*expected, weights.digest);
-            assert_ne!(actual, expected);
+    let is_named_corruption = |err: StoreError| {
+        match &err {
+            StoreError::Corrupt {
+                model,
+                file,
+                expected,
+                actual,
+            } => {
+                assert!(model.contains("m:latest") && model.contains(&out.digest.to_string()));
+                assert_eq!(file, "m.gguf");
+                assert_eq!(*expected, weights.digest);
+                assert_ne!(actual, expected);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let msg = err.to_string();
+        assert!(msg.contains("re-import"), "{msg}");
+    };
+    // `mote verify` hashes everything at once.
+    is_named_corruption(s.verify(&reference("m")).unwrap_err());
+    // Opening checks sizes only (same size here); each use hashes what it hands out, and
+    // `verify_unread` the files nobody used.
+    let opened = s.open_model(&reference("m")).unwrap();
+    is_named_corruption(opened.map("m.gguf").unwrap_err());
+    is_named_corruption(opened.read("m.gguf").unwrap_err());
+    is_named_corruption(opened.verify_unread().unwrap_err());
+    assert_eq!(before, listing(s.root()), "verification modified the store");
+}
+
+#[test]
+fn opening_a_model_with_a_missing_or_truncated_blob_fails_at_once() {
+    let (dir, s) = store();
+    s.import(
+        &gguf(dir.path(), "m.gguf", 1),
+        Some(&tag("m")),
+        &Default::default(),
+    )
+    .unwrap();
+    let weights = s
+        .inspect(&reference("m"))
+        .unwrap()
+        .file("m.gguf")
+        .unwrap()
+        .clone();
+    let blob = &weights.blob;
+    let bytes = fs::read(blob).unwrap();
+    let mut perms = fs::metadata(blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(blob, perms).unwrap();
+    fs::write(blob, &bytes[..bytes.len() - 1]).unwrap();
+    match s.open_model(&reference("m")).unwrap_err() {
+        StoreError::Damaged { reason, .. } => {
+            let want = format!(
+                "m.gguf has {} bytes where the manifest says {}",
+                bytes.len() - 1,
+                bytes.len()
+            );
+            assert!(reason.contains(&want), "{reason}");
         }
         other => panic!("unexpected {other:?}"),
     }
-    let msg = err.to_string();
-    assert!(msg.contains("re-import"), "{msg}");
-    assert_eq!(before, listing(s.root()), "verification modified the store");
+    fs::remove_file(blob).unwrap();
+    match s.open_model(&reference("m")).unwrap_err() {
+        StoreError::MissingBlob { file, digest, .. } => {
+            assert_eq!(file, "m.gguf");
+            assert_eq!(digest, weights.digest);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Intact again: opens, and every file verifies, each once.
+    fs::write(blob, &bytes).unwrap();
+    let opened = s.open_model(&reference("m")).unwrap();
+    assert_eq!(&opened.read("m.gguf").unwrap(), &bytes);
+    opened.verify_unread().unwrap();
 }
 
 fn walk(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {

@@ -159,6 +159,7 @@ pub fn quantize_int8(
     let config_json = verified.read("config.json")?;
     let weights = verified.read(&settings.weights)?;
     let tokenizer = verified.read(&text.tokenizer)?;
+    verified.verify_unread()?;
     let pool = ThreadPool::new(opts.threads)?;
     let config: serde_json::Value = serde_json::from_slice(&config_json)
         .map_err(|e| EngineError::Model(format!("config.json does not parse: {e}")))?;
