@@ -235,10 +235,7 @@ fn a_flipped_byte_fails_verification_naming_file_and_digests_and_changes_nothing
     let blob = &weights.blob;
     let mut bytes = fs::read(blob).unwrap();
     bytes[100] ^= 1;
-    let mut perms = fs::metadata(blob).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    fs::set_permissions(blob, perms).unwrap();
+    make_writable(blob);
     fs::write(blob, &bytes).unwrap();
     let listing = |root: &Path| {
         let mut v: Vec<_> = walk(root);
@@ -292,10 +289,7 @@ fn opening_a_model_with_a_missing_or_truncated_blob_fails_at_once() {
         .clone();
     let blob = &weights.blob;
     let bytes = fs::read(blob).unwrap();
-    let mut perms = fs::metadata(blob).unwrap().permissions();
-    #[allow(clippy::permissions_set_readonly_false)]
-    perms.set_readonly(false);
-    fs::set_permissions(blob, perms).unwrap();
+    make_writable(blob);
     fs::write(blob, &bytes[..bytes.len() - 1]).unwrap();
     match s.open_model(&reference("m")).unwrap_err() {
         StoreError::Damaged { reason, .. } => {
@@ -321,6 +315,14 @@ fn opening_a_model_with_a_missing_or_truncated_blob_fails_at_once() {
     let opened = s.open_model(&reference("m")).unwrap();
     assert_eq!(&opened.read("m.gguf").unwrap(), &bytes);
     opened.verify_unread().unwrap();
+}
+
+/// Let a test damage a blob (the store makes them read-only).
+fn make_writable(blob: &Path) {
+    let mut perms = fs::metadata(blob).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(blob, perms).unwrap();
 }
 
 fn walk(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
