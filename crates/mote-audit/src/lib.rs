@@ -363,32 +363,7 @@ impl Audit<'_> {
                     "soak: {fitted} window(s) after warm-up, too few to fit a trend (3 with answers and memory readings are needed); lengthen soak.duration_s (or --duration) or shorten soak.window_s"
                 ));
             }
-            // A trend fails only when it is significant and larger than its bound.
-            let mut c = Check::at_most(
-                "soak.max_rss_growth_kb_per_1000",
-                r.rss_growth_kib_per_1000.unwrap_or(f64::NAN),
-                s.max_rss_growth_kb_per_1000,
-                "KiB",
-            );
-            let significant = r.rss_trend.is_some_and(|t| t.p_increasing < s.significance);
-            if r.rss_trend.is_some() {
-                c.passed =
-                    !(significant && c.value.unwrap_or(f64::MAX) > s.max_rss_growth_kb_per_1000);
-            }
-            checks.push(c);
-            let mut c = Check::at_most(
-                "soak.max_latency_drift_pct",
-                r.latency_drift_pct.unwrap_or(f64::NAN),
-                s.max_latency_drift_pct,
-                "%",
-            );
-            let significant = r
-                .latency_trend
-                .is_some_and(|t| t.p_increasing < s.significance);
-            if r.latency_trend.is_some() {
-                c.passed = !(significant && c.value.unwrap_or(f64::MAX) > s.max_latency_drift_pct);
-            }
-            checks.push(c);
+            checks.extend(scenarios::soak_checks(&r, s));
             errors_check("soak", r.errors, &r.first_error, &mut checks, &mut failures);
             report.soak = Some(r);
         }

@@ -370,6 +370,11 @@ pub struct Soak {
     /// Upper bound of the fitted resident-memory growth, KiB per 1,000 requests.
     #[serde(default = "default_rss_growth")]
     pub max_rss_growth_kb_per_1000: f64,
+    /// Growth of resident memory over the fitted span (KiB) below which a memory trend is
+    /// noise, whatever its rate per request: resident memory moves in pages and allocator
+    /// steps, so a short soak of slow requests can turn 8 KiB into "500 KiB per 1,000".
+    #[serde(default = "default_rss_noise")]
+    pub min_rss_growth_kb: f64,
     /// Upper bound of the fitted latency drift over the run, percent of the mean.
     #[serde(default = "default_latency_drift")]
     pub max_latency_drift_pct: f64,
@@ -391,6 +396,10 @@ fn default_significance() -> f64 {
 /// a few KiB per request does not.
 fn default_rss_growth() -> f64 {
     1024.0
+}
+/// Two of glibc malloc's default heap extensions (128 KiB each).
+fn default_rss_noise() -> f64 {
+    256.0
 }
 fn default_latency_drift() -> f64 {
     25.0

@@ -452,9 +452,10 @@ impl Report {
             if let Some(t) = &s.rss_trend {
                 let _ = writeln!(
                     o,
-                    "- memory growth: {} KiB per 1,000 requests, {} KiB/min (one-sided p = {})",
+                    "- memory growth: {} KiB per 1,000 requests, {} KiB/min, {} KiB over the fitted span (one-sided p = {})",
                     s.rss_growth_kib_per_1000.map_or("?".into(), fmt),
                     s.rss_growth_kib_per_min.map_or("?".into(), fmt),
+                    s.rss_growth_kib.map_or("?".into(), fmt),
                     fmt(t.p_increasing)
                 );
             }

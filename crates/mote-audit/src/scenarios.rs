@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::inputs::merge;
 use crate::policy::{Memory, Offline, Server, SingleStream, Soak};
+use crate::report::Check;
 use crate::stats::{Rng, Summary, Trend, median, trend};
 use crate::target::{Query, Target};
 
@@ -405,6 +406,39 @@ pub struct SoakRun {
     pub rss_growth_kib_per_1000: Option<f64>,
     /// Fitted memory growth, KiB per minute.
     pub rss_growth_kib_per_min: Option<f64>,
+    /// Fitted memory growth over the span of the memory readings after warm-up, KiB.
+    pub rss_growth_kib: Option<f64>,
+}
+
+/// The soak's two trend checks. A trend fails only when it is significant and larger than
+/// its bound; the memory trend also only when it adds up to more than page and allocator
+/// noise (`min_rss_growth_kb` over the fitted span). No trend (too few windows): the check
+/// fails on a missing value.
+pub fn soak_checks(r: &SoakRun, s: &Soak) -> [Check; 2] {
+    let mut memory = Check::at_most(
+        "soak.max_rss_growth_kb_per_1000",
+        r.rss_growth_kib_per_1000.unwrap_or(f64::NAN),
+        s.max_rss_growth_kb_per_1000,
+        "KiB",
+    );
+    if let Some(t) = r.rss_trend {
+        let significant = t.p_increasing < s.significance;
+        let above_noise = r.rss_growth_kib.unwrap_or(f64::MAX) > s.min_rss_growth_kb;
+        let too_fast = memory.value.unwrap_or(f64::MAX) > s.max_rss_growth_kb_per_1000;
+        memory.passed = !(significant && above_noise && too_fast);
+    }
+    let mut latency = Check::at_most(
+        "soak.max_latency_drift_pct",
+        r.latency_drift_pct.unwrap_or(f64::NAN),
+        s.max_latency_drift_pct,
+        "%",
+    );
+    if let Some(t) = r.latency_trend {
+        let significant = t.p_increasing < s.significance;
+        latency.passed =
+            !(significant && latency.value.unwrap_or(f64::MAX) > s.max_latency_drift_pct);
+    }
+    [memory, latency]
 }
 
 /// Soak: closed loop for `duration`, windows of median latency and memory, trends fitted
@@ -505,6 +539,7 @@ pub fn soak(
     let rx: Vec<f64> = with_rss.iter().map(|r| r.0).collect();
     let ry: Vec<f64> = with_rss.iter().map(|r| r.1).collect();
     let rss_trend = trend(&rx, &ry);
+    let rss_span = rx.last().zip(rx.first()).map_or(0.0, |(b, a)| b - a);
     let span = lx.last().zip(lx.first()).map_or(0.0, |(b, a)| b - a);
     let measured_requests: usize = measured.iter().map(|w| w.requests).sum();
     let rate = measured_requests as f64 / span.max(p.window_s);
@@ -518,8 +553,77 @@ pub fn soak(
         latency_drift_pct: latency_trend.map(|t| t.slope * span / t.mean_y * 100.0),
         rss_growth_kib_per_1000: rss_trend.map(|t| t.slope / rate.max(1e-9) * 1000.0),
         rss_growth_kib_per_min: rss_trend.map(|t| t.slope * 60.0),
+        rss_growth_kib: rss_trend.map(|t| t.slope * rss_span),
         latency_trend,
         rss_trend,
         windows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Soak {
+        toml::from_str("").unwrap()
+    }
+
+    /// A soak whose memory readings are `rss` (KiB, one per second) at `rate` requests/s.
+    fn run(rss: &[f64], rate: f64) -> SoakRun {
+        let x: Vec<f64> = (0..rss.len()).map(|i| i as f64).collect();
+        let t = trend(&x, rss).unwrap();
+        let span = (rss.len() - 1) as f64;
+        SoakRun {
+            duration_s: span,
+            window_s: 1.0,
+            warmup_windows: 0,
+            requests: (rate * span) as usize,
+            errors: 0,
+            first_error: None,
+            windows: Vec::new(),
+            latency_trend: None,
+            rss_trend: Some(t),
+            latency_drift_pct: None,
+            rss_growth_kib_per_1000: Some(t.slope / rate * 1000.0),
+            rss_growth_kib_per_min: Some(t.slope * 60.0),
+            rss_growth_kib: Some(t.slope * span),
+        }
+    }
+
+    #[test]
+    fn a_few_pages_over_a_short_soak_of_slow_requests_is_noise() {
+        // Measured on the SmolLM2 chat audit: +8 KiB over 6 windows, significant. At the
+        // ~1 request/s of a loaded machine that is ~1,700 KiB "per 1,000 requests", yet two
+        // pages.
+        let r = run(&[145848., 145848., 145852., 145852., 145856., 145856.], 1.0);
+        assert!(r.rss_growth_kib_per_1000.unwrap() > policy().max_rss_growth_kb_per_1000);
+        assert!(r.rss_trend.unwrap().p_increasing < 0.01);
+        let [memory, _] = soak_checks(&r, &policy());
+        assert!(memory.passed, "{memory:?}");
+    }
+
+    #[test]
+    fn a_steady_leak_fails_and_a_flat_line_passes() {
+        // 6 KiB per request at 100 requests/s over 8 s: ~4.8 MiB, a leak.
+        let leak: Vec<f64> = (0..9)
+            .map(|i| 100_000.0 + 600.0 * i as f64 + [0., 40., -40.][i % 3])
+            .collect();
+        let [memory, _] = soak_checks(&run(&leak, 100.0), &policy());
+        assert!(!memory.passed, "{memory:?}");
+        assert!(memory.value.unwrap() > 5000.0);
+
+        let flat: Vec<f64> = (0..9).map(|i| 100_000.0 + [0., 4., -4.][i % 3]).collect();
+        let [memory, _] = soak_checks(&run(&flat, 100.0), &policy());
+        assert!(memory.passed, "{memory:?}");
+    }
+
+    #[test]
+    fn no_trend_fails_on_the_missing_value() {
+        let mut r = run(&[1.0, 2.0, 3.0], 1.0);
+        r.rss_trend = None;
+        r.rss_growth_kib_per_1000 = None;
+        let [memory, latency] = soak_checks(&r, &policy());
+        assert!(!memory.passed && memory.value.is_none());
+        assert!(!latency.passed && latency.value.is_none());
     }
 }
