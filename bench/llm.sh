@@ -4,12 +4,13 @@
 # (llama-cpp-python from bench/.venv, see bench/setup.sh) on the same ids in the same run.
 # Each engine and thread count runs in its own process (so peak RSS is its own), in
 # ${ROUNDS:-3} interleaved rounds; the table shows medians over rounds (the machine is noisy).
-# Run nothing else meanwhile: the machine has 2 cores.
+# Run nothing else meanwhile: the machine has 2 cores. GGUF=FILE benchmarks another file of
+# the same model (e.g. a Q4_K_M made by bench/llm_kquant_check.py's recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="${MOTE_SHARED_MODELS:-$(cd .. && pwd)/shared/models}"
 models="${MOTE_MODELS_DIR:-$HOME/.cache/mote/models}"
-gguf="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf="${GGUF:-$models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 out=$(mktemp -d)
 cargo build --release --locked -p mote-engine --example bench_llm
 for round in $(seq "${ROUNDS:-3}"); do

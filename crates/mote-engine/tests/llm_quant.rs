@@ -31,16 +31,29 @@ fn f32s(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+fn dequantized(ty: QType, blocks: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    quant::dequantize_row(ty, blocks, &mut out);
+    out
+}
+
 #[test]
 fn dequantisation_matches_the_gguf_package_bit_for_bit() {
     let (g, bytes) = fixture();
-    for name in ["q4_0", "q4_1", "q8_0", "f16", "bf16"] {
+    for name in [
+        "q4_0", "q4_1", "q8_0", "q5_0", "q4_k", "q6_k", "f16", "bf16",
+    ] {
         let (ty, data, n) = tensor(&g, &bytes, name);
         let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));
         let want = f32s(expected);
         let got = match ty {
             GgmlType::F16 => quant::f16_to_f32(data),
             GgmlType::Bf16 => quant::bf16_to_f32(data),
+            // The k-quants run repacked: dequantising the repacked blocks must give the
+            // package's values.
+            GgmlType::Q5_0 => dequantized(QType::Q8_0, &quant::repack_q5_0(data), n),
+            GgmlType::Q4K => dequantized(QType::Q4K, &quant::repack_q4_k(data), n),
+            GgmlType::Q6K => dequantized(QType::Q6K, &quant::repack_q6_k(data), n),
             q => {
                 let qt = match q {
                     GgmlType::Q4_0 => QType::Q4_0,
@@ -95,6 +108,59 @@ fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
                     for b in 0..cols / 32 {
                         let wb = &w[r * stride + b * 20..];
                         let m = half::f16::from_le_bytes([wb[2], wb[3]]).to_f32() as f64;
+                        let xb = &qx[t * cols / 32 + b];
+                        let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
+                        exact += m * (xb.s as f64 - xb.d as f64 * sum as f64);
+                    }
+                }
+                let mag: f64 = (0..cols)
+                    .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
+                    .sum();
+                let got = out[r * 2 + t] as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                    "{name} row {r} token {t}: {got} vs {exact}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn k_quant_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
+    let (g, bytes) = fixture();
+    let cols = 512;
+    // Two token rows with a wide dynamic range.
+    let x: Vec<f32> = (0..2 * cols)
+        .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 37) as f32))
+        .collect();
+    let mut qx = vec![Q8Block::default(); 2 * cols / 32];
+    quant::quantize_row(&x, &mut qx);
+    let xq: Vec<f32> = qx
+        .iter()
+        .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d))
+        .collect();
+    for (name, qt) in [("q4_k", QType::Q4K), ("q6_k", QType::Q6K)] {
+        let (_, raw, _) = tensor(&g, &bytes, name);
+        let w = match qt {
+            QType::Q4K => quant::repack_q4_k(raw),
+            _ => quant::repack_q6_k(raw),
+        };
+        let wf = f32s(tensor(&g, &bytes, &format!("{name}.expected")).1);
+        let bb = qt.block_bytes();
+        let stride = cols / 32 * bb;
+        let mut out = vec![0f32; 4];
+        quant::matmul_rows(qt, &w, stride, 2, &qx, cols / 32, &mut out);
+        for r in 0..2 {
+            for t in 0..2 {
+                let mut exact: f64 = (0..cols)
+                    .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
+                    .sum();
+                if qt == QType::Q4K {
+                    // As Q4_1: the minimum term takes each activation block's own `s`.
+                    for b in 0..cols / 32 {
+                        let wb = &w[r * stride + b * bb..];
+                        let m = f32::from_le_bytes(wb[4..8].try_into().unwrap()) as f64;
                         let xb = &qx[t * cols / 32 + b];
                         let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
                         exact += m * (xb.s as f64 - xb.d as f64 * sum as f64);

@@ -60,6 +60,8 @@ pub struct LlamaConfig {
 enum MatData {
     /// Blocks in the mapped file, starting at this byte offset.
     Quant { ty: QType, offset: usize },
+    /// Blocks repacked at load (the k-quants).
+    Packed { ty: QType, bytes: Vec<u8> },
     /// Converted to f32 at load.
     F32(Vec<f32>),
 }
@@ -252,7 +254,7 @@ impl Llama {
             let m = load_matrix(t, &map, base, 1, n)?;
             Ok(match m.data {
                 MatData::F32(v) => v,
-                MatData::Quant { .. } => {
+                MatData::Quant { .. } | MatData::Packed { .. } => {
                     return Err(EngineError::Model(format!(
                         "tensor {name:?} is quantised; norm weights must be F32, F16 or BF16"
                     )));
@@ -479,13 +481,26 @@ impl Llama {
 
     fn embed_row(&self, t: usize, out: &mut [f32]) {
         let d = self.config.dim;
-        match &self.embed.data {
-            MatData::F32(w) => out.copy_from_slice(&w[t * d..(t + 1) * d]),
-            MatData::Quant { ty, offset } => {
-                let stride = d / QK * ty.block_bytes();
-                let at = offset + t * stride;
-                quant::dequantize_row(*ty, &self.map[at..at + stride], out);
+        match self.blocks(&self.embed) {
+            None => {
+                if let MatData::F32(w) = &self.embed.data {
+                    out.copy_from_slice(&w[t * d..(t + 1) * d]);
+                }
             }
+            Some((ty, bytes)) => {
+                let stride = d / QK * ty.block_bytes();
+                quant::dequantize_row(ty, &bytes[t * stride..(t + 1) * stride], out);
+            }
+        }
+    }
+
+    /// A block-quantised matrix's type and all its rows; `None` for an f32 one.
+    fn blocks<'a>(&'a self, m: &'a Matrix) -> Option<(QType, &'a [u8])> {
+        let bytes = |ty: QType| m.rows * (m.cols / QK) * ty.block_bytes();
+        match &m.data {
+            MatData::F32(_) => None,
+            MatData::Quant { ty, offset } => Some((*ty, &self.map[*offset..offset + bytes(*ty)])),
+            MatData::Packed { ty, bytes } => Some((*ty, bytes)),
         }
     }
 
@@ -578,9 +593,7 @@ impl Llama {
     /// Several matmuls of the same input; for one token, their row chunks are spread over
     /// the pool in one go (one hand-out instead of one per matrix).
     fn matmuls<const N: usize>(&self, x: &[f32], qx: &[Q8Block], jobs: [(&Matrix, &mut [f32]); N]) {
-        let all_quant = jobs
-            .iter()
-            .all(|(m, _)| matches!(m.data, MatData::Quant { .. }));
+        let all_quant = jobs.iter().all(|(m, _)| !matches!(m.data, MatData::F32(_)));
         let n = x.len() / jobs[0].0.cols;
         if n != 1 || !all_quant || self.pool.threads() == 1 {
             for (m, out) in jobs {
@@ -595,17 +608,17 @@ impl Llama {
             .max(4);
         let mut tasks = Vec::new();
         for (m, out) in jobs {
-            let MatData::Quant { ty, offset } = m.data else {
+            let Some((ty, bytes)) = self.blocks(m) else {
                 unreachable!("checked above")
             };
             let nb = m.cols / QK;
             let stride = nb * ty.block_bytes();
             for (ci, o) in out.chunks_mut(per).enumerate() {
-                tasks.push((ty, offset + ci * per * stride, stride, nb, o));
+                let at = ci * per * stride;
+                tasks.push((ty, &bytes[at..at + o.len() * stride], stride, nb, o));
             }
         }
-        self.pool.map(tasks, |(ty, at, stride, nb, o)| {
-            let w = &self.map[at..at + o.len() * stride];
+        self.pool.map(tasks, |(ty, w, stride, nb, o)| {
             quant::matmul_rows(ty, w, stride, o.len(), qx, nb, o);
         });
     }
@@ -614,15 +627,15 @@ impl Llama {
     fn matmul(&self, x: &[f32], qx: &[Q8Block], m: &Matrix, out: &mut [f32]) {
         let n = x.len() / m.cols;
         debug_assert_eq!(out.len(), n * m.rows);
-        match &m.data {
-            MatData::F32(w) => {
+        match (&m.data, self.blocks(m)) {
+            (MatData::F32(w), _) => {
                 let zeros = vec![0f32; m.rows];
                 kernels::linear(x, w, &zeros, m.cols, out, &self.pool);
             }
-            MatData::Quant { ty, offset } => {
+            (_, None) => unreachable!("only f32 matrices have no blocks"),
+            (_, Some((ty, bytes))) => {
                 let nb = m.cols / QK;
                 let stride = nb * ty.block_bytes();
-                let bytes = &self.map[*offset..offset + m.rows * stride];
                 let threads = self.pool.threads();
                 if n < 4 * threads {
                     // Few tokens (generation): split the rows, in multiples of the 4-row
@@ -632,7 +645,7 @@ impl Llama {
                         self.pool.for_each_chunk(out, per, |ci, o| {
                             let r0 = ci * per;
                             let w = &bytes[r0 * stride..(r0 + o.len()) * stride];
-                            quant::matmul_rows(*ty, w, stride, o.len(), qx, nb, o);
+                            quant::matmul_rows(ty, w, stride, o.len(), qx, nb, o);
                         });
                     } else {
                         let mut t = vec![0f32; m.rows * n];
@@ -640,7 +653,7 @@ impl Llama {
                             let r0 = ci * per;
                             let rows = o.len() / n;
                             let w = &bytes[r0 * stride..(r0 + rows) * stride];
-                            quant::matmul_rows(*ty, w, stride, rows, qx, nb, o);
+                            quant::matmul_rows(ty, w, stride, rows, qx, nb, o);
                         });
                         transpose(&t, m.rows, n, out);
                     }
@@ -653,7 +666,7 @@ impl Llama {
                         let nt = o.len() / m.rows;
                         let mut t = vec![0f32; m.rows * nt];
                         quant::matmul_rows(
-                            *ty,
+                            ty,
                             bytes,
                             stride,
                             m.rows,
@@ -727,12 +740,24 @@ fn load_matrix(
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         ),
+        GgmlType::Q5_0 if cols.is_multiple_of(QK) => MatData::Packed {
+            ty: QType::Q8_0,
+            bytes: quant::repack_q5_0(bytes),
+        },
+        GgmlType::Q4K if cols.is_multiple_of(quant::QK_K) => MatData::Packed {
+            ty: QType::Q4K,
+            bytes: quant::repack_q4_k(bytes),
+        },
+        GgmlType::Q6K if cols.is_multiple_of(quant::QK_K) => MatData::Packed {
+            ty: QType::Q6K,
+            bytes: quant::repack_q6_k(bytes),
+        },
         GgmlType::F16 => MatData::F32(quant::f16_to_f32(bytes)),
         GgmlType::Bf16 => MatData::F32(quant::bf16_to_f32(bytes)),
         other => {
             return Err(EngineError::Unsupported(format!(
                 "tensor {:?} is of type {}, which mote does not run yet (supported: F32, F16, \
-                 BF16, Q8_0, Q4_0, Q4_1); re-quantise the model with one of those",
+                 BF16, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K); re-quantise the model with one of those",
                 t.name,
                 other.name()
             )));

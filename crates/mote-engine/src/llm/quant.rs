@@ -1,8 +1,12 @@
-//! Block-quantised weights (ggml's Q4_0, Q4_1, Q8_0), int8 activations, and the integer
-//! dot-product kernels of the language-model path.
+//! Block-quantised weights (ggml's Q4_0, Q4_1, Q8_0, and Q4_K and Q6_K repacked at load),
+//! int8 activations, and the integer dot-product kernels of the language-model path.
 //!
 //! A weight row is a run of 32-element blocks, each with an f16 scale (and for Q4_1 an f16
-//! minimum). Activations are quantised per 32-element block to int8 as llama.cpp's
+//! minimum). The k-quants' 256-element super-blocks are repacked once, exactly, into
+//! 32-element blocks of the same kind with f32 scales: Q4_K's sub-block scale and minimum
+//! (`d·sc`, `dmin·m`, exact products in f32) before its nibbles, Q6_K's two 16-element
+//! sub-block scales before its 32 values as int8. The kernels below then treat them like
+//! Q4_1 and Q8_0 (Q6_K's two scales fall on lanes 0–3 and 4–7). Activations are quantised per 32-element block to int8 as llama.cpp's
 //! `block_q8_1` does (scale and `d·Σq` stored as f16), so a block's dot product is an exact
 //! integer sum and the arithmetic is the one llama.cpp's CPU backend performs.
 //!
@@ -33,6 +37,12 @@ pub enum QType {
     Q4_1,
     /// 8-bit: `x = q·d`; 34 bytes a block.
     Q8_0,
+    /// Q4_K repacked: f32 `d`, f32 `m`, then 16 bytes of nibbles as Q4_1 orders them,
+    /// `x = q·d + m`; 24 bytes a block.
+    Q4K,
+    /// Q6_K repacked: f32 scales of elements 0–15 and 16–31, then 32 int8 values in
+    /// -32..=31, `x = q·d_half`; 40 bytes a block.
+    Q6K,
 }
 
 impl QType {
@@ -42,8 +52,118 @@ impl QType {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q4K => 24,
+            QType::Q6K => 40,
         }
     }
+
+    /// Whether weights are unsigned with a per-block minimum (`x = q·d + m`).
+    pub const fn has_min(self) -> bool {
+        matches!(self, QType::Q4_1 | QType::Q4K)
+    }
+}
+
+/// Elements per k-quant super-block.
+pub const QK_K: usize = 256;
+/// Bytes of a Q4_K super-block in a GGUF file.
+pub const Q4_K_BYTES: usize = 144;
+/// Bytes of a Q6_K super-block in a GGUF file.
+pub const Q6_K_BYTES: usize = 210;
+
+/// Q4_K's 6-bit scale and minimum of sub-block `j` (0..8), as ggml packs them in 12 bytes.
+fn q4_k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Repack Q4_K super-blocks (`src.len()` a multiple of 144) into [`QType::Q4K`] blocks.
+pub fn repack_q4_k(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q4_K_BYTES),
+        "not whole Q4_K blocks"
+    );
+    let mut out = Vec::with_capacity(src.len() / Q4_K_BYTES * 8 * QType::Q4K.block_bytes());
+    for sb in src.chunks_exact(Q4_K_BYTES) {
+        let (d, dmin) = (f16_at(sb, 0), f16_at(sb, 2));
+        let (scales, qs) = (&sb[4..16], &sb[16..]);
+        // 64 elements per 32 bytes: sub-block 2c in the low nibbles, 2c+1 in the high ones.
+        for c in 0..4 {
+            let bytes = &qs[32 * c..32 * c + 32];
+            for (h, shift) in [(0usize, 0u32), (1, 4)] {
+                let (sc, m) = q4_k_scale_min(2 * c + h, scales);
+                out.extend_from_slice(&(d * f32::from(sc)).to_le_bytes());
+                out.extend_from_slice(&(-(dmin * f32::from(m))).to_le_bytes());
+                let nib = |i: usize| (bytes[i] >> shift) & 15;
+                out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
+            }
+        }
+    }
+    out
+}
+
+/// Bytes of a Q5_0 block in a GGUF file.
+pub const Q5_0_BYTES: usize = 22;
+
+/// Repack Q5_0 blocks (`x = (q - 16)·d`, `q` of 5 bits; `src.len()` a multiple of 22) into
+/// [`QType::Q8_0`] blocks holding `q - 16`: exactly the same values. llama.cpp's quantiser
+/// writes Q5_0 for the Q4_K tensors whose rows are not whole super-blocks, so Q4_K_M files
+/// of small models are part Q5_0.
+pub fn repack_q5_0(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q5_0_BYTES),
+        "not whole Q5_0 blocks"
+    );
+    let mut out = Vec::with_capacity(src.len() / Q5_0_BYTES * QType::Q8_0.block_bytes());
+    for b in src.chunks_exact(Q5_0_BYTES) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        out.extend_from_slice(&b[..2]);
+        let value = |j: usize| {
+            let (nib, bit) = if j < 16 {
+                (qs[j] & 15, (qh >> j) & 1)
+            } else {
+                (qs[j - 16] >> 4, (qh >> j) & 1)
+            };
+            ((nib | (bit as u8) << 4) as i8 - 16) as u8
+        };
+        out.extend((0..QK).map(value));
+    }
+    out
+}
+
+/// Repack Q6_K super-blocks (`src.len()` a multiple of 210) into [`QType::Q6K`] blocks.
+pub fn repack_q6_k(src: &[u8]) -> Vec<u8> {
+    assert!(
+        src.len().is_multiple_of(Q6_K_BYTES),
+        "not whole Q6_K blocks"
+    );
+    let mut out = Vec::with_capacity(src.len() / Q6_K_BYTES * 8 * QType::Q6K.block_bytes());
+    for sb in src.chunks_exact(Q6_K_BYTES) {
+        let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
+        let d = f16_at(sb, 208);
+        // Element e of the super-block: half h = e / 128, then within it l = e % 32 and
+        // quarter g = (e % 128) / 32 pick the nibble of ql and the bit pair of qh.
+        let value = |e: usize| -> i8 {
+            let (h, g, l) = (e / 128, (e % 128) / 32, e % 32);
+            let lo = ql[64 * h + 32 * (g & 1) + l] >> (4 * (g >> 1)) & 15;
+            let hi = (qh[32 * h + l] >> (2 * g)) & 3;
+            ((lo | (hi << 4)) as i8) - 32
+        };
+        for b in 0..8 {
+            for half in 0..2 {
+                let s = sc[2 * b + half] as i8;
+                out.extend_from_slice(&(d * f32::from(s)).to_le_bytes());
+            }
+            out.extend((0..QK).map(|i| value(32 * b + i) as u8));
+        }
+    }
+    out
 }
 
 /// One block of quantised activations.
@@ -97,6 +217,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 /// Dequantise `n` elements of a row of `ty` blocks (reference and embedding lookup).
 pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
     let bb = ty.block_bytes();
@@ -106,6 +230,19 @@ pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
         "row bytes do not match its length"
     );
     for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        if matches!(ty, QType::Q4K | QType::Q6K) {
+            let (w, d, m) = weight_block(ty, b);
+            for (i, (o, q)) in o.iter_mut().zip(w).enumerate() {
+                // Q4_K: `d·q - dmin·m` as ggml; Q6_K: `(d·sc)·q` as ggml (adding a zero
+                // minimum would turn its -0 into +0).
+                *o = if ty == QType::Q4K {
+                    q as f32 * d[i / 16] + m
+                } else {
+                    q as f32 * d[i / 16]
+                };
+            }
+            continue;
+        }
         let d = f16_at(b, 0);
         match ty {
             QType::Q4_0 => {
@@ -126,6 +263,7 @@ pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
                     o[j] = f32::from(b[2 + j] as i8) * d;
                 }
             }
+            QType::Q4K | QType::Q6K => unreachable!("handled above"),
         }
     }
 }
@@ -146,11 +284,26 @@ pub fn bf16_to_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// The integer weight value of element `i` of a block, and the block's `(d, m)`.
-fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], f32, f32) {
+/// The integer weight value of element `i` of a block, the block's scale of elements 0–15
+/// and 16–31 (equal but for Q6K), and its minimum.
+fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], [f32; 2], f32) {
     let mut w = [0i32; QK];
+    if ty == QType::Q4K {
+        for j in 0..16 {
+            w[j] = i32::from(b[8 + j] & 15);
+            w[j + 16] = i32::from(b[8 + j] >> 4);
+        }
+        let d = f32_at(b, 0);
+        return (w, [d, d], f32_at(b, 4));
+    }
+    if ty == QType::Q6K {
+        for j in 0..QK {
+            w[j] = i32::from(b[8 + j] as i8);
+        }
+        return (w, [f32_at(b, 0), f32_at(b, 4)], 0.0);
+    }
     let d = f16_at(b, 0);
-    match ty {
+    let (w, d, m) = match ty {
         QType::Q4_0 => {
             for j in 0..16 {
                 w[j] = i32::from(b[2 + j] & 15) - 8;
@@ -171,7 +324,9 @@ fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], f32, f32) {
             }
             (w, d, 0.0)
         }
-    }
+        QType::Q4K | QType::Q6K => unreachable!("handled above"),
+    };
+    (w, [d, d], m)
 }
 
 /// Reduce eight lanes in the canonical order.
@@ -192,14 +347,14 @@ pub fn dot_scalar(ty: QType, w: &[u8], x: &[Q8Block]) -> f32 {
     let mut summ = 0f32;
     for (b, xb) in w.chunks_exact(bb).zip(x) {
         let (wq, d, m) = weight_block(ty, b);
-        let dd = d * xb.d;
+        let dd = [d[0] * xb.d, d[1] * xb.d];
         for (l, a) in acc.iter_mut().enumerate() {
             let p: i32 = (4 * l..4 * l + 4)
                 .map(|i| wq[i] * i32::from(xb.qs[i]))
                 .sum();
-            *a = dd.mul_add(p as f32, *a);
+            *a = dd[l / 4].mul_add(p as f32, *a);
         }
-        if ty == QType::Q4_1 {
+        if ty.has_min() {
             summ = min_term(m, xb.s, summ);
         }
     }
@@ -290,30 +445,51 @@ macro_rules! x86_kernels {
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
         }
 
-        /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1,
-        /// signed for Q4_0 and Q8_0), with its scale and minimum.
         #[inline]
         #[target_feature(enable = $features)]
-        unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, f32, f32) {
+        fn f32_at(p: *const u8) -> f32 {
+            // SAFETY: callers pass a pointer to four readable bytes.
+            unsafe { (p as *const f32).read_unaligned() }
+        }
+
+        /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1
+        /// and Q4K, signed for the others), its scales of elements 0–15 and 16–31, and its
+        /// minimum. `TY`: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4K, 4 Q6K.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, [f32; 2], f32) {
             // SAFETY: callers pass a pointer to a whole block of type TY.
             unsafe {
+                let nibbles = |at: usize| {
+                    let v = _mm_loadu_si128(p.add(at) as *const __m128i);
+                    let m4 = _mm_set1_epi8(15);
+                    let lo = _mm_and_si128(v, m4);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+                    _mm256_set_m128i(hi, lo)
+                };
                 match TY {
                     0 => {
-                        let v = _mm_loadu_si128(p.add(2) as *const __m128i);
-                        let m4 = _mm_set1_epi8(15);
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                        let w = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
-                        (w, f16(p), 0.0)
+                        let w = _mm256_sub_epi8(nibbles(2), _mm256_set1_epi8(8));
+                        let d = f16(p);
+                        (w, [d, d], 0.0)
                     }
                     1 => {
-                        let v = _mm_loadu_si128(p.add(4) as *const __m128i);
-                        let m4 = _mm_set1_epi8(15);
-                        let lo = _mm_and_si128(v, m4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-                        (_mm256_set_m128i(hi, lo), f16(p), f16(p.add(2)))
+                        let d = f16(p);
+                        (nibbles(4), [d, d], f16(p.add(2)))
                     }
-                    _ => (_mm256_loadu_si256(p.add(2) as *const __m256i), f16(p), 0.0),
+                    2 => {
+                        let d = f16(p);
+                        (_mm256_loadu_si256(p.add(2) as *const __m256i), [d, d], 0.0)
+                    }
+                    3 => {
+                        let d = f32_at(p);
+                        (nibbles(8), [d, d], f32_at(p.add(4)))
+                    }
+                    _ => (
+                        _mm256_loadu_si256(p.add(8) as *const __m256i),
+                        [f32_at(p), f32_at(p.add(4))],
+                        0.0,
+                    ),
                 }
             }
         }
@@ -322,7 +498,7 @@ macro_rules! x86_kernels {
         #[inline]
         #[target_feature(enable = $features)]
         fn lanes<const TY: u8>(w: __m256i, x: __m256i) -> __m256 {
-            let (u, s) = if TY == 1 {
+            let (u, s) = if TY == 1 || TY == 3 {
                 // Unsigned nibbles × signed activations.
                 (w, x)
             } else {
@@ -345,7 +521,7 @@ macro_rules! x86_kernels {
             let mut summ = [[0f32; T]; R];
             for b in 0..nb {
                 let mut wv = [_mm256_setzero_si256(); R];
-                let mut dw = [0f32; R];
+                let mut dw = [[0f32; 2]; R];
                 let mut mw = [0f32; R];
                 for r in 0..R {
                     // SAFETY: block b of row r is inside the row (nb blocks of bb bytes).
@@ -363,8 +539,16 @@ macro_rules! x86_kernels {
                     let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
                     for r in 0..R {
                         let p = lanes::<TY>(wv[r], xv);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb.d), p, acc[r][t]);
-                        if TY == 1 {
+                        let dd = if TY == 4 {
+                            _mm256_set_m128(
+                                _mm_set1_ps(dw[r][1] * xb.d),
+                                _mm_set1_ps(dw[r][0] * xb.d),
+                            )
+                        } else {
+                            _mm256_set1_ps(dw[r][0] * xb.d)
+                        };
+                        acc[r][t] = _mm256_fmadd_ps(dd, p, acc[r][t]);
+                        if TY == 1 || TY == 3 {
                             summ[r][t] = super::super::min_term(mw[r], xb.s, summ[r][t]);
                         }
                     }
@@ -399,6 +583,8 @@ macro_rules! x86_kernels {
                     QType::Q4_0 => run::<0>(w, stride, rows, x, nb, out, ty.block_bytes()),
                     QType::Q4_1 => run::<1>(w, stride, rows, x, nb, out, ty.block_bytes()),
                     QType::Q8_0 => run::<2>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                    QType::Q4K => run::<3>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                    QType::Q6K => run::<4>(w, stride, rows, x, nb, out, ty.block_bytes()),
                 }
             }
         }
@@ -544,6 +730,24 @@ mod tests {
             for v in b.iter_mut() {
                 *v = next() as u8;
             }
+            // The repacked k-quants: f32 scales (and minimum) of the sizes k-quants give.
+            let small = |r: u64| (r % 2000) as f32 / 4e4 - 0.025;
+            match ty {
+                QType::Q4K => {
+                    b[..4].copy_from_slice(&small(next()).abs().to_le_bytes());
+                    b[4..8].copy_from_slice(&(-small(next()).abs() * 8.0).to_le_bytes());
+                    continue;
+                }
+                QType::Q6K => {
+                    b[..4].copy_from_slice(&small(next()).to_le_bytes());
+                    b[4..8].copy_from_slice(&small(next()).to_le_bytes());
+                    for v in &mut b[8..] {
+                        *v = (((*v & 63) as i8) - 32) as u8;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
             let d = f16::from_f32((next() % 1000) as f32 / 1e4 - 0.05).to_bits();
             b[..2].copy_from_slice(&d.to_le_bytes());
             if ty == QType::Q4_1 {
@@ -555,7 +759,13 @@ mod tests {
     }
 
     fn types() -> impl Strategy<Value = QType> {
-        prop_oneof![Just(QType::Q4_0), Just(QType::Q4_1), Just(QType::Q8_0)]
+        prop_oneof![
+            Just(QType::Q4_0),
+            Just(QType::Q4_1),
+            Just(QType::Q8_0),
+            Just(QType::Q4K),
+            Just(QType::Q6K)
+        ]
     }
 
     proptest! {
@@ -626,11 +836,12 @@ mod tests {
             dequantize_row(ty, &w, &mut wf);
             let xf: Vec<f32> = x.iter().flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d)).collect();
             let mut want: f64 = wf.iter().zip(&xf).map(|(a, b)| *a as f64 * *b as f64).sum();
-            if ty == QType::Q4_1 {
+            if ty.has_min() {
                 // The minimum term takes the block's own `s`, not `d·Σq` with `d` in f16.
                 for (b, xb) in w.chunks_exact(ty.block_bytes()).zip(&x) {
                     let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
-                    want += f16_at(b, 2) as f64 * (xb.s as f64 - xb.d as f64 * sum as f64);
+                    let m = weight_block(ty, b).2;
+                    want += m as f64 * (xb.s as f64 - xb.d as f64 * sum as f64);
                 }
             }
             let got = dot_scalar(ty, &w, &x) as f64;
