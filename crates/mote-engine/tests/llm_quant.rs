@@ -51,7 +51,6 @@ fn dequantisation_matches_the_gguf_package_bit_for_bit() {
             GgmlType::Bf16 => quant::bf16_to_f32(data),
             // The k-quants run repacked: dequantising the repacked blocks must give the
             // package's values.
-            GgmlType::Q5_0 => dequantized(QType::Q8_0, &quant::repack_q5_0(data), n),
             GgmlType::Q4K => dequantized(QType::Q4K, &quant::repack_q4_k(data), n),
             GgmlType::Q6K => dequantized(QType::Q6K, &quant::repack_q6_k(data), n),
             q => {
@@ -59,6 +58,7 @@ fn dequantisation_matches_the_gguf_package_bit_for_bit() {
                     GgmlType::Q4_0 => QType::Q4_0,
                     GgmlType::Q4_1 => QType::Q4_1,
                     GgmlType::Q8_0 => QType::Q8_0,
+                    GgmlType::Q5_0 => QType::Q5_0,
                     other => panic!("unexpected type {other:?}"),
                 };
                 let mut out = vec![0f32; n];
@@ -89,6 +89,7 @@ fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
         ("q4_0", QType::Q4_0),
         ("q4_1", QType::Q4_1),
         ("q8_0", QType::Q8_0),
+        ("q5_0", QType::Q5_0),
     ] {
         let (_, w, _) = tensor(&g, &bytes, name);
         let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));

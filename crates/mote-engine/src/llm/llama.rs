@@ -726,10 +726,13 @@ fn load_matrix(
     let start = base + t.offset as usize;
     let bytes = &map[start..start + t.size as usize];
     let data = match t.ggml_type {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 if cols.is_multiple_of(QK) => {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0
+            if cols.is_multiple_of(QK) =>
+        {
             let ty = match t.ggml_type {
                 GgmlType::Q4_0 => QType::Q4_0,
                 GgmlType::Q4_1 => QType::Q4_1,
+                GgmlType::Q5_0 => QType::Q5_0,
                 _ => QType::Q8_0,
             };
             MatData::Quant { ty, offset: start }
@@ -740,10 +743,6 @@ fn load_matrix(
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         ),
-        GgmlType::Q5_0 if cols.is_multiple_of(QK) => MatData::Packed {
-            ty: QType::Q8_0,
-            bytes: quant::repack_q5_0(bytes),
-        },
         GgmlType::Q4K if cols.is_multiple_of(quant::QK_K) => MatData::Packed {
             ty: QType::Q4K,
             bytes: quant::repack_q4_k(bytes),

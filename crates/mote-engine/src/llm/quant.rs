@@ -1,13 +1,14 @@
-//! Block-quantised weights (ggml's Q4_0, Q4_1, Q8_0, and Q4_K and Q6_K repacked at load),
-//! int8 activations, and the integer dot-product kernels of the language-model path.
+//! Block-quantised weights (ggml's Q4_0, Q4_1, Q5_0, Q8_0, and Q4_K and Q6_K repacked at
+//! load), int8 activations, and the integer dot-product kernels of the language-model path.
 //!
 //! A weight row is a run of 32-element blocks, each with an f16 scale (and for Q4_1 an f16
-//! minimum). The k-quants' 256-element super-blocks are repacked once, exactly, into
-//! 32-element blocks of the same kind with f32 scales: Q4_K's sub-block scale and minimum
-//! (`d·sc`, `dmin·m`, exact products in f32) before its nibbles, Q6_K's two 16-element
-//! sub-block scales before its 32 values as int8. The kernels below then treat them like
-//! Q4_1 and Q8_0 (Q6_K's two scales fall on lanes 0–3 and 4–7). Activations are quantised per 32-element block to int8 as llama.cpp's
-//! `block_q8_1` does (scale and `d·Σq` stored as f16), so a block's dot product is an exact
+//! minimum; Q5_0 adds a fifth bit per element from a u32). The k-quants' 256-element
+//! super-blocks are repacked once, exactly, into 32-element blocks of the same kind with f32
+//! scales: Q4_K's sub-block scale and minimum (`d·sc`, `dmin·m`, exact products in f32)
+//! before its nibbles, Q6_K's two 16-element sub-block scales before its 32 values as int8.
+//! The kernels treat them like Q4_1 and Q8_0 (Q6_K's two scales fall on lanes 0–3 and 4–7).
+//! Activations are quantised per 32-element block to int8 as llama.cpp's `block_q8_1` does
+//! (scale and `d·Σq` stored as f16), so a block's dot product is an exact
 //! integer sum and the arithmetic is the one llama.cpp's CPU backend performs.
 //!
 //! Determinism by construction: the canonical order is defined on eight lanes. Lane `l` of a
@@ -37,6 +38,9 @@ pub enum QType {
     Q4_1,
     /// 8-bit: `x = q·d`; 34 bytes a block.
     Q8_0,
+    /// 5-bit, symmetric: `x = (q - 16)·d`, bit 4 of element `i` is bit `i` of a u32;
+    /// 22 bytes a block.
+    Q5_0,
     /// Q4_K repacked: f32 `d`, f32 `m`, then 16 bytes of nibbles as Q4_1 orders them,
     /// `x = q·d + m`; 24 bytes a block.
     Q4K,
@@ -52,6 +56,7 @@ impl QType {
             QType::Q4_0 => 18,
             QType::Q4_1 => 20,
             QType::Q8_0 => 34,
+            QType::Q5_0 => 22,
             QType::Q4K => 24,
             QType::Q6K => 40,
         }
@@ -103,36 +108,6 @@ pub fn repack_q4_k(src: &[u8]) -> Vec<u8> {
                 out.extend((0..16).map(|j| nib(j) | (nib(j + 16) << 4)));
             }
         }
-    }
-    out
-}
-
-/// Bytes of a Q5_0 block in a GGUF file.
-pub const Q5_0_BYTES: usize = 22;
-
-/// Repack Q5_0 blocks (`x = (q - 16)·d`, `q` of 5 bits; `src.len()` a multiple of 22) into
-/// [`QType::Q8_0`] blocks holding `q - 16`: exactly the same values. llama.cpp's quantiser
-/// writes Q5_0 for the Q4_K tensors whose rows are not whole super-blocks, so Q4_K_M files
-/// of small models are part Q5_0.
-pub fn repack_q5_0(src: &[u8]) -> Vec<u8> {
-    assert!(
-        src.len().is_multiple_of(Q5_0_BYTES),
-        "not whole Q5_0 blocks"
-    );
-    let mut out = Vec::with_capacity(src.len() / Q5_0_BYTES * QType::Q8_0.block_bytes());
-    for b in src.chunks_exact(Q5_0_BYTES) {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        out.extend_from_slice(&b[..2]);
-        let value = |j: usize| {
-            let (nib, bit) = if j < 16 {
-                (qs[j] & 15, (qh >> j) & 1)
-            } else {
-                (qs[j - 16] >> 4, (qh >> j) & 1)
-            };
-            ((nib | (bit as u8) << 4) as i8 - 16) as u8
-        };
-        out.extend((0..QK).map(value));
     }
     out
 }
@@ -263,6 +238,12 @@ pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
                     o[j] = f32::from(b[2 + j] as i8) * d;
                 }
             }
+            QType::Q5_0 => {
+                let (w, _, _) = weight_block(ty, b);
+                for (o, q) in o.iter_mut().zip(w) {
+                    *o = q as f32 * d;
+                }
+            }
             QType::Q4K | QType::Q6K => unreachable!("handled above"),
         }
     }
@@ -321,6 +302,17 @@ fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], [f32; 2], f32) {
         QType::Q8_0 => {
             for j in 0..QK {
                 w[j] = i32::from(b[2 + j] as i8);
+            }
+            (w, d, 0.0)
+        }
+        QType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                w[j] = i32::from(b[6 + j] & 15);
+                w[j + 16] = i32::from(b[6 + j] >> 4);
+            }
+            for (i, v) in w.iter_mut().enumerate() {
+                *v = (*v | ((qh >> i) as i32 & 1) << 4) - 16;
             }
             (w, d, 0.0)
         }
@@ -454,7 +446,7 @@ macro_rules! x86_kernels {
 
         /// A weight block's 32 values as bytes in element order (unsigned nibbles for Q4_1
         /// and Q4K, signed for the others), its scales of elements 0–15 and 16–31, and its
-        /// minimum. `TY`: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4K, 4 Q6K.
+        /// minimum. `TY`: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q4K, 4 Q6K, 5 Q5_0.
         #[inline]
         #[target_feature(enable = $features)]
         unsafe fn load_w<const TY: u8>(p: *const u8) -> (__m256i, [f32; 2], f32) {
@@ -484,6 +476,27 @@ macro_rules! x86_kernels {
                     3 => {
                         let d = f32_at(p);
                         (nibbles(8), [d, d], f32_at(p.add(4)))
+                    }
+                    5 => {
+                        // Bit i of qh to 0x10 in byte i: byte i gets qh's byte i/8, every
+                        // bit but i%8 set, and compares equal to all ones if that one is set.
+                        let qh = (p.add(2) as *const i32).read_unaligned();
+                        let spread = _mm256_shuffle_epi8(
+                            _mm256_set1_epi32(qh),
+                            _mm256_setr_epi64x(
+                                0,
+                                0x0101_0101_0101_0101,
+                                0x0202_0202_0202_0202,
+                                0x0303_0303_0303_0303,
+                            ),
+                        );
+                        let all = _mm256_set1_epi64x(-1);
+                        let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+                        let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), all);
+                        let high = _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+                        let w = _mm256_or_si256(nibbles(6), high);
+                        let d = f16(p);
+                        (_mm256_sub_epi8(w, _mm256_set1_epi8(16)), [d, d], 0.0)
                     }
                     _ => (
                         _mm256_loadu_si256(p.add(8) as *const __m256i),
@@ -585,6 +598,7 @@ macro_rules! x86_kernels {
                     QType::Q8_0 => run::<2>(w, stride, rows, x, nb, out, ty.block_bytes()),
                     QType::Q4K => run::<3>(w, stride, rows, x, nb, out, ty.block_bytes()),
                     QType::Q6K => run::<4>(w, stride, rows, x, nb, out, ty.block_bytes()),
+                    QType::Q5_0 => run::<5>(w, stride, rows, x, nb, out, ty.block_bytes()),
                 }
             }
         }
@@ -763,6 +777,7 @@ mod tests {
             Just(QType::Q4_0),
             Just(QType::Q4_1),
             Just(QType::Q8_0),
+            Just(QType::Q5_0),
             Just(QType::Q4K),
             Just(QType::Q6K)
         ]
