@@ -414,7 +414,7 @@ pub fn matmul_rows(
 /// form's i16 pairs cannot saturate and both forms give the same integers).
 #[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernels {
-    ($features:literal, $dot4:expr) => {
+    ($features:literal, $dot4:expr, $max_tok:literal) => {
         use std::arch::x86_64::*;
 
         use super::super::{Q8Block, QType};
@@ -621,10 +621,26 @@ macro_rules! x86_kernels {
                 let nr = (rows - r).min(4);
                 let mut t = 0;
                 while t < n_tok {
-                    let nt = (n_tok - t).min(2);
+                    // Tiles of $max_tok tokens, then pairs and a single one.
+                    let nt = if n_tok - t >= $max_tok {
+                        $max_tok
+                    } else {
+                        (n_tok - t).min(2)
+                    };
                     // SAFETY: rows r..r+nr and tokens t..t+nt exist; each has nb blocks.
                     unsafe {
                         match (nr, nt) {
+                            (4, 4) => {
+                                let o = tile::<TY, 4, 4>(
+                                    [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
+                                    [xp(t), xp(t + 1), xp(t + 2), xp(t + 3)],
+                                    nb,
+                                    bb,
+                                );
+                                for (i, row) in o.iter().enumerate() {
+                                    out[(r + i) * n_tok + t..][..4].copy_from_slice(row);
+                                }
+                            }
                             (4, 2) => {
                                 let o = tile::<TY, 4, 2>(
                                     [wp(r), wp(r + 1), wp(r + 2), wp(r + 3)],
@@ -669,10 +685,11 @@ macro_rules! x86_kernels {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     mod kernels {
-        x86_kernels!("avx2,fma,f16c", |u, s| _mm256_madd_epi16(
-            _mm256_maddubs_epi16(u, s),
-            _mm256_set1_epi16(1)
-        ));
+        x86_kernels!(
+            "avx2,fma,f16c",
+            |u, s| _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+            2
+        );
     }
     pub(crate) use kernels::matmul_rows;
 
@@ -717,9 +734,11 @@ pub(crate) mod avx2 {
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni {
     mod kernels {
-        x86_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |u, s| {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
-        });
+        x86_kernels!(
+            "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+            |u, s| { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) },
+            4
+        );
     }
     pub(crate) use kernels::matmul_rows;
 }
