@@ -576,7 +576,8 @@ macro_rules! x86_kernels {
             out
         }
 
-        /// See [`super::matmul_rows`]; tiles of 4 rows × 2 tokens, smaller at the edges.
+        /// See [`super::matmul_rows`]; tiles of 4 rows × `$max_tok` tokens (2 with AVX2's 16
+        /// vector registers, 4 with AVX-512VL's 32), smaller at the edges.
         ///
         /// # Safety
         /// The CPU must have AVX2, FMA and F16C; lengths as checked by the caller.
