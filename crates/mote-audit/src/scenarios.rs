@@ -415,30 +415,37 @@ pub struct SoakRun {
 /// noise (`min_rss_growth_kb` over the fitted span). No trend (too few windows): the check
 /// fails on a missing value.
 pub fn soak_checks(r: &SoakRun, s: &Soak) -> [Check; 2] {
-    let mut memory = Check::at_most(
-        "soak.max_rss_growth_kb_per_1000",
-        r.rss_growth_kib_per_1000.unwrap_or(f64::NAN),
-        s.max_rss_growth_kb_per_1000,
-        "KiB",
-    );
-    if let Some(t) = r.rss_trend {
-        let significant = t.p_increasing < s.significance;
-        let above_noise = r.rss_growth_kib.unwrap_or(f64::MAX) > s.min_rss_growth_kb;
-        let too_fast = memory.value.unwrap_or(f64::MAX) > s.max_rss_growth_kb_per_1000;
-        memory.passed = !(significant && above_noise && too_fast);
+    let above_noise = r.rss_growth_kib.unwrap_or(f64::MAX) > s.min_rss_growth_kb;
+    [
+        trend_check(
+            ("soak.max_rss_growth_kb_per_1000", "KiB"),
+            r.rss_growth_kib_per_1000,
+            s.max_rss_growth_kb_per_1000,
+            r.rss_trend
+                .map(|t| t.p_increasing < s.significance && above_noise),
+        ),
+        trend_check(
+            ("soak.max_latency_drift_pct", "%"),
+            r.latency_drift_pct,
+            s.max_latency_drift_pct,
+            r.latency_trend.map(|t| t.p_increasing < s.significance),
+        ),
+    ]
+}
+
+/// `value <= limit`, except that with a fitted trend it fails only when the trend `counts`
+/// (significant, and for memory above noise); with no trend it fails on the missing value.
+fn trend_check(
+    (name, unit): (&str, &str),
+    value: Option<f64>,
+    limit: f64,
+    counts: Option<bool>,
+) -> Check {
+    let mut c = Check::at_most(name, value.unwrap_or(f64::NAN), limit, unit);
+    if let Some(counts) = counts {
+        c.passed = !(counts && c.value.unwrap_or(f64::MAX) > limit);
     }
-    let mut latency = Check::at_most(
-        "soak.max_latency_drift_pct",
-        r.latency_drift_pct.unwrap_or(f64::NAN),
-        s.max_latency_drift_pct,
-        "%",
-    );
-    if let Some(t) = r.latency_trend {
-        let significant = t.p_increasing < s.significance;
-        latency.passed =
-            !(significant && latency.value.unwrap_or(f64::MAX) > s.max_latency_drift_pct);
-    }
-    [memory, latency]
+    c
 }
 
 /// Soak: closed loop for `duration`, windows of median latency and memory, trends fitted

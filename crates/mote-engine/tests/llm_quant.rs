@@ -73,18 +73,61 @@ fn dequantisation_matches_the_gguf_package_bit_for_bit() {
     }
 }
 
-#[test]
-fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
-    let (g, bytes) = fixture();
-    let (_, input, n) = tensor(&g, &bytes, "input");
-    let x = f32s(input);
-    let cols = 128;
-    let mut qx = vec![Q8Block::default(); n / 32];
-    quant::quantize_row(&x, &mut qx);
-    let xq: Vec<f32> = qx
+/// Two token rows of `cols` activations, quantised, and their dequantised values.
+fn activations(x: &[f32]) -> (Vec<Q8Block>, Vec<f32>) {
+    let mut qx = vec![Q8Block::default(); x.len() / 32];
+    quant::quantize_row(x, &mut qx);
+    let xq = qx
         .iter()
         .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d))
         .collect();
+    (qx, xq)
+}
+
+/// Two weight rows (`w`, kernel layout; `wf`, the package's dequantisation) × two token rows:
+/// the integer kernel against exact float arithmetic on the same values. `min(r, b)` is the
+/// minimum of row `r`'s block `b` for the types that have one: that term takes each
+/// activation block's own `s` (llama.cpp's block_q8_1), not `d·Σq` with the f16-rounded `d`.
+fn check_kernel(
+    name: &str,
+    qt: QType,
+    w: &[u8],
+    wf: &[f32],
+    (qx, xq): &(Vec<Q8Block>, Vec<f32>),
+    min: impl Fn(usize, usize) -> f32,
+) {
+    let cols = wf.len() / 2;
+    let stride = cols / 32 * qt.block_bytes();
+    let mut out = vec![0f32; 4];
+    quant::matmul_rows(qt, w, stride, 2, qx, cols / 32, &mut out);
+    for r in 0..2 {
+        for t in 0..2 {
+            let mut exact: f64 = (0..cols)
+                .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
+                .sum();
+            if qt.has_min() {
+                for b in 0..cols / 32 {
+                    let xb = &qx[t * cols / 32 + b];
+                    let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
+                    exact += min(r, b) as f64 * (xb.s as f64 - xb.d as f64 * sum as f64);
+                }
+            }
+            let mag: f64 = (0..cols)
+                .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
+                .sum();
+            let got = out[r * 2 + t] as f64;
+            assert!(
+                (got - exact).abs() <= 1e-5 * mag + 1e-6,
+                "{name} row {r} token {t}: {got} vs {exact}"
+            );
+        }
+    }
+}
+
+#[test]
+fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
+    let (g, bytes) = fixture();
+    let x = activations(&f32s(tensor(&g, &bytes, "input").1));
     for (name, qt) in [
         ("q4_0", QType::Q4_0),
         ("q4_1", QType::Q4_1),
@@ -92,55 +135,23 @@ fn integer_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
         ("q5_0", QType::Q5_0),
     ] {
         let (_, w, _) = tensor(&g, &bytes, name);
-        let (_, expected, _) = tensor(&g, &bytes, &format!("{name}.expected"));
-        let wf = f32s(expected);
-        let stride = cols / 32 * qt.block_bytes();
-        let mut out = vec![0f32; 4];
-        // Two weight rows × two token rows.
-        quant::matmul_rows(qt, w, stride, 2, &qx, cols / 32, &mut out);
-        for r in 0..2 {
-            for t in 0..2 {
-                let mut exact: f64 = (0..cols)
-                    .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
-                    .sum();
-                if qt == QType::Q4_1 {
-                    // Q4_1's minimum term takes each activation block's own `s` (llama.cpp's
-                    // block_q8_1), not `d·Σq` with the f16-rounded `d`.
-                    for b in 0..cols / 32 {
-                        let wb = &w[r * stride + b * 20..];
-                        let m = half::f16::from_le_bytes([wb[2], wb[3]]).to_f32() as f64;
-                        let xb = &qx[t * cols / 32 + b];
-                        let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
-                        exact += m * (xb.s as f64 - xb.d as f64 * sum as f64);
-                    }
-                }
-                let mag: f64 = (0..cols)
-                    .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
-                    .sum();
-                let got = out[r * 2 + t] as f64;
-                assert!(
-                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
-                    "{name} row {r} token {t}: {got} vs {exact}"
-                );
-            }
-        }
+        let wf = f32s(tensor(&g, &bytes, &format!("{name}.expected")).1);
+        let stride = wf.len() / 2 / 32 * qt.block_bytes();
+        check_kernel(name, qt, w, &wf, &x, |r, b| {
+            let wb = &w[r * stride + b * 20..];
+            half::f16::from_le_bytes([wb[2], wb[3]]).to_f32()
+        });
     }
 }
 
 #[test]
 fn k_quant_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
     let (g, bytes) = fixture();
-    let cols = 512;
-    // Two token rows with a wide dynamic range.
-    let x: Vec<f32> = (0..2 * cols)
+    // Two token rows of 512 with a wide dynamic range.
+    let x: Vec<f32> = (0..2 * 512)
         .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 37) as f32))
         .collect();
-    let mut qx = vec![Q8Block::default(); 2 * cols / 32];
-    quant::quantize_row(&x, &mut qx);
-    let xq: Vec<f32> = qx
-        .iter()
-        .flat_map(|b| b.qs.iter().map(move |&q| q as f32 * b.d))
-        .collect();
+    let x = activations(&x);
     for (name, qt) in [("q4_k", QType::Q4K), ("q6_k", QType::Q6K)] {
         let (_, raw, _) = tensor(&g, &bytes, name);
         let w = match qt {
@@ -148,34 +159,10 @@ fn k_quant_kernels_agree_with_dequantised_arithmetic_on_reference_blocks() {
             _ => quant::repack_q6_k(raw),
         };
         let wf = f32s(tensor(&g, &bytes, &format!("{name}.expected")).1);
-        let bb = qt.block_bytes();
-        let stride = cols / 32 * bb;
-        let mut out = vec![0f32; 4];
-        quant::matmul_rows(qt, &w, stride, 2, &qx, cols / 32, &mut out);
-        for r in 0..2 {
-            for t in 0..2 {
-                let mut exact: f64 = (0..cols)
-                    .map(|i| wf[r * cols + i] as f64 * xq[t * cols + i] as f64)
-                    .sum();
-                if qt == QType::Q4K {
-                    // As Q4_1: the minimum term takes each activation block's own `s`.
-                    for b in 0..cols / 32 {
-                        let wb = &w[r * stride + b * bb..];
-                        let m = f32::from_le_bytes(wb[4..8].try_into().unwrap()) as f64;
-                        let xb = &qx[t * cols / 32 + b];
-                        let sum: i32 = xb.qs.iter().map(|&q| i32::from(q)).sum();
-                        exact += m * (xb.s as f64 - xb.d as f64 * sum as f64);
-                    }
-                }
-                let mag: f64 = (0..cols)
-                    .map(|i| (wf[r * cols + i] as f64 * xq[t * cols + i] as f64).abs())
-                    .sum();
-                let got = out[r * 2 + t] as f64;
-                assert!(
-                    (got - exact).abs() <= 1e-5 * mag + 1e-6,
-                    "{name} row {r} token {t}: {got} vs {exact}"
-                );
-            }
-        }
+        let (bb, stride) = (qt.block_bytes(), w.len() / 2);
+        check_kernel(name, qt, &w, &wf, &x, |r, b| {
+            let wb = &w[r * stride + b * bb..];
+            f32::from_le_bytes(wb[4..8].try_into().unwrap())
+        });
     }
 }
