@@ -66,6 +66,14 @@ enum MatData {
     F32(Vec<f32>),
 }
 
+/// A matrix's weights as the kernels take them.
+enum Weights<'a> {
+    /// All rows of blocks of this type.
+    Blocks(QType, &'a [u8]),
+    /// Row-major f32.
+    F32(&'a [f32]),
+}
+
 /// A `[rows, cols]` weight matrix (one row per output feature).
 struct Matrix {
     rows: usize,
@@ -481,26 +489,24 @@ impl Llama {
 
     fn embed_row(&self, t: usize, out: &mut [f32]) {
         let d = self.config.dim;
-        match self.blocks(&self.embed) {
-            None => {
-                if let MatData::F32(w) = &self.embed.data {
-                    out.copy_from_slice(&w[t * d..(t + 1) * d]);
-                }
-            }
-            Some((ty, bytes)) => {
+        match self.weights(&self.embed) {
+            Weights::F32(w) => out.copy_from_slice(&w[t * d..(t + 1) * d]),
+            Weights::Blocks(ty, bytes) => {
                 let stride = d / QK * ty.block_bytes();
                 quant::dequantize_row(ty, &bytes[t * stride..(t + 1) * stride], out);
             }
         }
     }
 
-    /// A block-quantised matrix's type and all its rows; `None` for an f32 one.
-    fn blocks<'a>(&'a self, m: &'a Matrix) -> Option<(QType, &'a [u8])> {
-        let bytes = |ty: QType| m.rows * (m.cols / QK) * ty.block_bytes();
+    /// Where `m`'s weights are: in the mapped file or in memory.
+    fn weights<'a>(&'a self, m: &'a Matrix) -> Weights<'a> {
         match &m.data {
-            MatData::F32(_) => None,
-            MatData::Quant { ty, offset } => Some((*ty, &self.map[*offset..offset + bytes(*ty)])),
-            MatData::Packed { ty, bytes } => Some((*ty, bytes)),
+            MatData::Quant { ty, offset } => {
+                let len = m.rows * (m.cols / QK) * ty.block_bytes();
+                Weights::Blocks(*ty, &self.map[*offset..offset + len])
+            }
+            MatData::Packed { ty, bytes } => Weights::Blocks(*ty, bytes),
+            MatData::F32(w) => Weights::F32(w),
         }
     }
 
@@ -608,7 +614,7 @@ impl Llama {
             .max(4);
         let mut tasks = Vec::new();
         for (m, out) in jobs {
-            let Some((ty, bytes)) = self.blocks(m) else {
+            let Weights::Blocks(ty, bytes) = self.weights(m) else {
                 unreachable!("checked above")
             };
             let nb = m.cols / QK;
@@ -627,13 +633,12 @@ impl Llama {
     fn matmul(&self, x: &[f32], qx: &[Q8Block], m: &Matrix, out: &mut [f32]) {
         let n = x.len() / m.cols;
         debug_assert_eq!(out.len(), n * m.rows);
-        match (&m.data, self.blocks(m)) {
-            (MatData::F32(w), _) => {
+        match self.weights(m) {
+            Weights::F32(w) => {
                 let zeros = vec![0f32; m.rows];
                 kernels::linear(x, w, &zeros, m.cols, out, &self.pool);
             }
-            (_, None) => unreachable!("only f32 matrices have no blocks"),
-            (_, Some((ty, bytes))) => {
+            Weights::Blocks(ty, bytes) => {
                 let nb = m.cols / QK;
                 let stride = nb * ty.block_bytes();
                 let threads = self.pool.threads();
@@ -756,7 +761,8 @@ fn load_matrix(
         other => {
             return Err(EngineError::Unsupported(format!(
                 "tensor {:?} is of type {}, which mote does not run yet (supported: F32, F16, \
-                 BF16, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K); re-quantise the model with one of those",
+                 BF16, Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K); re-quantise the model with one of \
+                 those",
                 t.name,
                 other.name()
             )));

@@ -205,46 +205,12 @@ pub fn dequantize_row(ty: QType, bytes: &[u8], out: &mut [f32]) {
         "row bytes do not match its length"
     );
     for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
-        if matches!(ty, QType::Q4K | QType::Q6K) {
-            let (w, d, m) = weight_block(ty, b);
-            for (i, (o, q)) in o.iter_mut().zip(w).enumerate() {
-                // Q4_K: `d·q - dmin·m` as ggml; Q6_K: `(d·sc)·q` as ggml (adding a zero
-                // minimum would turn its -0 into +0).
-                *o = if ty == QType::Q4K {
-                    q as f32 * d[i / 16] + m
-                } else {
-                    q as f32 * d[i / 16]
-                };
-            }
-            continue;
-        }
-        let d = f16_at(b, 0);
-        match ty {
-            QType::Q4_0 => {
-                for j in 0..16 {
-                    o[j] = (i32::from(b[2 + j] & 15) - 8) as f32 * d;
-                    o[j + 16] = (i32::from(b[2 + j] >> 4) - 8) as f32 * d;
-                }
-            }
-            QType::Q4_1 => {
-                let m = f16_at(b, 2);
-                for j in 0..16 {
-                    o[j] = f32::from(b[4 + j] & 15) * d + m;
-                    o[j + 16] = f32::from(b[4 + j] >> 4) * d + m;
-                }
-            }
-            QType::Q8_0 => {
-                for j in 0..QK {
-                    o[j] = f32::from(b[2 + j] as i8) * d;
-                }
-            }
-            QType::Q5_0 => {
-                let (w, _, _) = weight_block(ty, b);
-                for (o, q) in o.iter_mut().zip(w) {
-                    *o = q as f32 * d;
-                }
-            }
-            QType::Q4K | QType::Q6K => unreachable!("handled above"),
+        let (w, d, m) = weight_block(ty, b);
+        for (i, (o, q)) in o.iter_mut().zip(w).enumerate() {
+            // ggml's `q·d + m` (Q4_K's `d·q - dmin·m`) and `q·d` (Q6_K's `(d·sc)·q`): a zero
+            // minimum is not added, which would turn a -0 into +0.
+            let v = q as f32 * d[i / 16];
+            *o = if ty.has_min() { v + m } else { v };
         }
     }
 }
@@ -269,56 +235,49 @@ pub fn bf16_to_f32(bytes: &[u8]) -> Vec<f32> {
 /// and 16–31 (equal but for Q6K), and its minimum.
 fn weight_block(ty: QType, b: &[u8]) -> ([i32; QK], [f32; 2], f32) {
     let mut w = [0i32; QK];
-    if ty == QType::Q4K {
+    // Nibbles in Q4_1's order from byte `at`: element j low, element j + 16 high.
+    let mut nibbles = |at: usize| {
         for j in 0..16 {
-            w[j] = i32::from(b[8 + j] & 15);
-            w[j + 16] = i32::from(b[8 + j] >> 4);
+            w[j] = i32::from(b[at + j] & 15);
+            w[j + 16] = i32::from(b[at + j] >> 4);
         }
-        let d = f32_at(b, 0);
-        return (w, [d, d], f32_at(b, 4));
-    }
-    if ty == QType::Q6K {
-        for j in 0..QK {
-            w[j] = i32::from(b[8 + j] as i8);
-        }
-        return (w, [f32_at(b, 0), f32_at(b, 4)], 0.0);
-    }
-    let d = f16_at(b, 0);
-    let (w, d, m) = match ty {
+    };
+    let (d, m) = match ty {
         QType::Q4_0 => {
-            for j in 0..16 {
-                w[j] = i32::from(b[2 + j] & 15) - 8;
-                w[j + 16] = i32::from(b[2 + j] >> 4) - 8;
-            }
-            (w, d, 0.0)
+            nibbles(2);
+            w.iter_mut().for_each(|v| *v -= 8);
+            ([f16_at(b, 0); 2], 0.0)
         }
         QType::Q4_1 => {
-            for j in 0..16 {
-                w[j] = i32::from(b[4 + j] & 15);
-                w[j + 16] = i32::from(b[4 + j] >> 4);
-            }
-            (w, d, f16_at(b, 2))
-        }
-        QType::Q8_0 => {
-            for j in 0..QK {
-                w[j] = i32::from(b[2 + j] as i8);
-            }
-            (w, d, 0.0)
+            nibbles(4);
+            ([f16_at(b, 0); 2], f16_at(b, 2))
         }
         QType::Q5_0 => {
+            nibbles(6);
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            for j in 0..16 {
-                w[j] = i32::from(b[6 + j] & 15);
-                w[j + 16] = i32::from(b[6 + j] >> 4);
-            }
             for (i, v) in w.iter_mut().enumerate() {
                 *v = (*v | ((qh >> i) as i32 & 1) << 4) - 16;
             }
-            (w, d, 0.0)
+            ([f16_at(b, 0); 2], 0.0)
         }
-        QType::Q4K | QType::Q6K => unreachable!("handled above"),
+        QType::Q4K => {
+            nibbles(8);
+            ([f32_at(b, 0); 2], f32_at(b, 4))
+        }
+        QType::Q8_0 => {
+            for (v, &q) in w.iter_mut().zip(&b[2..2 + QK]) {
+                *v = i32::from(q as i8);
+            }
+            ([f16_at(b, 0); 2], 0.0)
+        }
+        QType::Q6K => {
+            for (v, &q) in w.iter_mut().zip(&b[8..8 + QK]) {
+                *v = i32::from(q as i8);
+            }
+            ([f32_at(b, 0), f32_at(b, 4)], 0.0)
+        }
     };
-    (w, [d, d], m)
+    (w, d, m)
 }
 
 /// Reduce eight lanes in the canonical order.
@@ -507,11 +466,16 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// Whether kernel type `TY` has unsigned weights and a minimum (Q4_1, Q4K).
+        const fn has_min(ty: u8) -> bool {
+            ty == 1 || ty == 3
+        }
+
         /// Lane sums of `w · x` over one block: exact int32, lane `l` = elements `4l..4l+3`.
         #[inline]
         #[target_feature(enable = $features)]
         fn lanes<const TY: u8>(w: __m256i, x: __m256i) -> __m256 {
-            let (u, s) = if TY == 1 || TY == 3 {
+            let (u, s) = if has_min(TY) {
                 // Unsigned nibbles × signed activations.
                 (w, x)
             } else {
@@ -561,7 +525,7 @@ macro_rules! x86_kernels {
                             _mm256_set1_ps(dw[r][0] * xb.d)
                         };
                         acc[r][t] = _mm256_fmadd_ps(dd, p, acc[r][t]);
-                        if TY == 1 || TY == 3 {
+                        if has_min(TY) {
                             summ[r][t] = super::super::min_term(mw[r], xb.s, summ[r][t]);
                         }
                     }
