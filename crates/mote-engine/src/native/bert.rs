@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use std::sync::Mutex;
 
-use super::gemm::{Act, Packed};
+use super::gemm::{Act, OutPtr, Packed};
 use super::int8::PackedI8;
 use super::vector::{add_layer_norm, attend, gelu};
 use crate::backend::{Backend, TensorSpec};
@@ -258,7 +258,6 @@ struct Scratch {
 #[derive(Default)]
 struct Work {
     qkv: Vec<f32>,
-    blocks: Vec<f32>,
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     ffn: Vec<f32>,
@@ -266,7 +265,7 @@ struct Work {
 
 impl Work {
     fn floats(&self) -> usize {
-        [&self.qkv, &self.blocks, &self.ctx, &self.tmp, &self.ffn]
+        [&self.qkv, &self.ctx, &self.tmp, &self.ffn]
             .iter()
             .map(|b| b.len())
             .sum()
@@ -606,26 +605,25 @@ impl Bert {
     /// the head's keys transposed (`hd` rows of the sequence length rounded up to 8, so a
     /// query's scores are 8 keys per vector; the padding zeroed) and its values (`len × hd`)
     /// into buffers of its own, runs the sequence's queries over them in groups of up to
-    /// four consecutive ones (they share their key and value loads), and writes the contexts
-    /// into its own block of `blocks` (`len × hd`, sequence-major then head-major). One
-    /// head's keys and values stay in L1 for all its queries (rows of `qkv` are 4.5 KiB
-    /// apart: read in place, the value rows of one head fall into a few cache sets and evict
-    /// each other), and the copies are no separate pass.
-    fn attention(&self, qkv: &[f32], seqs: &[Seq], blocks: &mut [f32], pool: &ThreadPool) {
+    /// four consecutive ones (they share their key and value loads), and writes each context
+    /// straight into its token's row of `ctx` (`[tokens, hidden]`, the heads side by side):
+    /// no separate pass gathers the heads, so nothing runs on one thread between this step
+    /// and the next product. One head's keys and values stay in L1 for all its queries (rows
+    /// of `qkv` are 4.5 KiB apart: read in place, the value rows of one head fall into a few
+    /// cache sets and evict each other), and the copies are no separate pass.
+    fn attention(&self, qkv: &[f32], seqs: &[Seq], ctx: &mut [f32], pool: &ThreadPool) {
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut tasks = Vec::with_capacity(seqs.len() * heads);
-        let mut rest = blocks;
-        for s in seqs.iter().filter(|s| s.len > 0) {
-            for head in 0..heads {
-                let (block, tail) = rest.split_at_mut(s.len * hd);
-                tasks.push((s, head, block));
-                rest = tail;
-            }
-        }
-        pool.map(tasks, |(s, head, block)| {
+        assert!(hd > 0 && seqs.iter().all(|s| (s.start + s.len) * h <= ctx.len()));
+        let tasks: Vec<(&Seq, usize)> = seqs
+            .iter()
+            .filter(|s| s.len > 0)
+            .flat_map(|s| (0..heads).map(move |head| (s, head)))
+            .collect();
+        let dst = OutPtr(ctx.as_mut_ptr());
+        pool.map(tasks, |(s, head)| {
             let (len, stride) = (s.len, s.len.next_multiple_of(8));
             let rows = &qkv[s.start * 3 * h..(s.start + len) * 3 * h];
             let mut kt = vec![0f32; hd * stride];
@@ -641,52 +639,42 @@ impl Bert {
             let v = &v[..];
             let mut scores = vec![0f32; 4 * stride];
             let q = |t: usize| &rows[t * 3 * h + head * hd..][..hd];
-            let vs = hd;
-            let sc = &mut scores;
-            for (t, outs) in (0..len).step_by(4).zip(block.chunks_mut(4 * hd)) {
-                let mut outs = outs.chunks_exact_mut(hd);
-                let mut o = || outs.next().expect("a row per query");
+            // SAFETY: token t of this sequence has row s.start + t < ctx's rows (asserted),
+            // and columns head·hd..(head + 1)·hd of it belong to this (sequence, head) task
+            // alone; each row is handed out once, and `ctx` stays borrowed meanwhile.
+            let o = |t: usize| unsafe {
+                std::slice::from_raw_parts_mut(dst.at((s.start + t) * h + head * hd), hd)
+            };
+            let (vs, sc) = (hd, &mut scores);
+            for t in (0..len).step_by(4) {
                 match (len - t).min(4) {
                     4 => {
                         let qs = [q(t), q(t + 1), q(t + 2), q(t + 3)];
-                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(), o(), o(), o()]);
+                        let outs = [o(t), o(t + 1), o(t + 2), o(t + 3)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, outs);
                     }
                     3 => {
                         let qs = [q(t), q(t + 1), q(t + 2)];
-                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(), o(), o()]);
+                        attend(
+                            qs,
+                            &kt,
+                            stride,
+                            len,
+                            v,
+                            vs,
+                            scale,
+                            sc,
+                            [o(t), o(t + 1), o(t + 2)],
+                        );
                     }
-                    2 => attend(
-                        [q(t), q(t + 1)],
-                        &kt,
-                        stride,
-                        len,
-                        v,
-                        vs,
-                        scale,
-                        sc,
-                        [o(), o()],
-                    ),
-                    _ => attend([q(t)], &kt, stride, len, v, vs, scale, sc, [o()]),
+                    2 => {
+                        let qs = [q(t), q(t + 1)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(t), o(t + 1)]);
+                    }
+                    _ => attend([q(t)], &kt, stride, len, v, vs, scale, sc, [o(t)]),
                 }
             }
         });
-    }
-
-    /// Gather the contexts of [`Bert::attention`]'s blocks into rows: `ctx` is
-    /// `[tokens, hidden]`, each row its token's heads side by side.
-    fn gather_heads(&self, blocks: &[f32], seqs: &[Seq], ctx: &mut [f32]) {
-        let h = self.config.hidden_size;
-        let heads = self.config.num_attention_heads;
-        let hd = h / heads;
-        for s in seqs {
-            let rows = &mut ctx[s.start * h..(s.start + s.len) * h];
-            let seq_blocks = &blocks[s.start * h..(s.start + s.len) * h];
-            for (head, block) in seq_blocks.chunks_exact(s.len.max(1) * hd).enumerate() {
-                for (row, b) in rows.chunks_exact_mut(h).zip(block.chunks_exact(hd)) {
-                    row[head * hd..][..hd].copy_from_slice(b);
-                }
-            }
-        }
     }
 
     /// The encoder over the kept tokens of every sequence (concatenated): `[tokens, hidden]`
@@ -753,14 +741,12 @@ impl Bert {
         let h = self.config.hidden_size;
         let n = x.len() / h;
         let qkv = prefix(&mut w.qkv, n * 3 * h);
-        let blocks = prefix(&mut w.blocks, n * h);
         let ctx = prefix(&mut w.ctx, n * h);
         let tmp = prefix(&mut w.tmp, n * h);
         let ffn = prefix(&mut w.ffn, n * self.config.intermediate_size);
         self.record(li, 0, x);
         layer.qkv.matmul(x, qkv, pool);
-        self.attention(qkv, seqs, blocks, pool);
-        self.gather_heads(blocks, seqs, ctx);
+        self.attention(qkv, seqs, ctx, pool);
         self.record(li, 1, ctx);
         layer.attn_out.matmul(ctx, tmp, pool);
         self.norm(tmp, Some(x), &layer.attn_norm, pool);
