@@ -11,7 +11,10 @@
 //!    from the scheduled send time, so a slow server cannot hide its queueing).
 //!
 //! The client runs on one thread so it takes as little CPU from the server as it can.
-//! Prints one JSON line per measurement, then the two ratios the server is judged by.
+//! Prints one JSON line per measurement, then the two ratios the server is judged by, and
+//! what queueing alone allows at that load: the p99 of an ideal server (FIFO, batches of
+//! whatever is queued up to 32, no CPU shared with clients or HTTP) whose requests cost the
+//! measured single-request latencies, less the measured batching gain for batches.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -214,6 +217,38 @@ fn offline(store: &str, reference: &str, texts: &[String], seconds: f64) -> f64 
     done as f64 / started.elapsed().as_secs_f64()
 }
 
+/// p99 latency (ms) of an ideal server under Poisson arrivals at `rate` per second: one
+/// FIFO queue, batches of everything queued (up to 32) when the server frees up; a request
+/// costs a latency drawn from `single` (ms), and a batch of `k` the sum of its requests'
+/// costs times `gain + (1 - gain) / k`, `gain` being the cost of a request in a full batch
+/// relative to alone (single-request rate / saturation rate). Seeded, 200,000 arrivals.
+fn ideal_p99(single: &[f64], gain: f64, rate: f64) -> f64 {
+    let mut rng = Rng(11);
+    let n = 200_000;
+    let mut t = 0.0;
+    let arrivals: Vec<(f64, f64)> = (0..n)
+        .map(|_| {
+            t += -(1.0 - rng.unit()).ln() / rate * 1e3;
+            (t, single[(rng.next() % single.len() as u64) as usize])
+        })
+        .collect();
+    let (mut free, mut i, mut lat) = (0f64, 0, Vec::with_capacity(n));
+    while i < n {
+        let start = free.max(arrivals[i].0);
+        let mut j = i + 1;
+        while j < n && j - i < 32 && arrivals[j].0 <= start {
+            j += 1;
+        }
+        let k = (j - i) as f64;
+        let cost: f64 = arrivals[i..j].iter().map(|a| a.1).sum::<f64>() * (gain + (1.0 - gain) / k);
+        free = start + cost;
+        lat.extend(arrivals[i..j].iter().map(|a| free - a.0));
+        i = j;
+    }
+    lat.sort_by(f64::total_cmp);
+    percentile(&lat, 0.99)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
@@ -236,8 +271,8 @@ fn main() {
             .build_http();
         // Warm-up (connections, the server's first batches).
         closed_loop(&client, &url, &texts, 8, 2.0).await;
-        let (rate, lat, err) = closed_loop(&client, &url, &texts, 1, seconds).await;
-        report("single", rate, lat.clone(), err);
+        let (single_rate, lat, err) = closed_loop(&client, &url, &texts, 1, seconds).await;
+        report("single", single_rate, lat.clone(), err);
         let mut single = lat;
         single.sort_by(f64::total_cmp);
         let single_p50 = percentile(&single, 0.5);
@@ -245,6 +280,7 @@ fn main() {
         let (sat, lat, err) = closed_loop(&client, &url, &texts, 64, seconds).await;
         report("saturation_64_clients", sat, lat, err);
         let (rate, lat, err) = open_loop(&client, &url, &texts, sat * 0.5, seconds).await;
+        let ideal = ideal_p99(&single, (single_rate / sat).min(1.0), sat * 0.5);
         let mut half = lat.clone();
         report("half_load_poisson", rate, lat, err);
         half.sort_by(f64::total_cmp);
@@ -260,6 +296,13 @@ fn main() {
         println!(
             "p99 at 50% load / single-request p99: {:.2}x ({p99:.2} vs {single_p99:.2} ms)",
             p99 / single_p99
+        );
+        println!(
+            "queueing alone at 50% load (an ideal FIFO batching server with the single requests' \
+             times): p99 {ideal:.2} ms = {:.2}x single p50, {:.2}x single p99; measured / ideal {:.2}",
+            ideal / single_p50,
+            ideal / single_p99,
+            p99 / ideal
         );
     });
 }
