@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Server load: embeddings throughput of `mote serve` at saturation (64 clients, one text per
 # request) against the engine's offline throughput on the same 512 texts, and p99 latency
-# under Poisson arrivals at 50% of that rate against the single-request latency
-# (crates/mote-serve/examples/serve_load.rs). MiniLM (all-MiniLM-L6-v2, the default
+# under Poisson arrivals at 50% of that rate against the single-request latency and against
+# what queueing alone allows at that rate (an ideal FIFO batching server fed the measured
+# request costs) in
+# crates/mote-serve/examples/serve_load.rs. MiniLM (all-MiniLM-L6-v2, the default
 # embedding model), 2 engine threads, ${SECONDS_PER_RUN:-10} s per measurement.
 # Run nothing else meanwhile: the machine has 2 cores.
 set -euo pipefail

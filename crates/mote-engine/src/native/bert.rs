@@ -655,21 +655,13 @@ impl Bert {
                     }
                     3 => {
                         let qs = [q(t), q(t + 1), q(t + 2)];
-                        attend(
-                            qs,
-                            &kt,
-                            stride,
-                            len,
-                            v,
-                            vs,
-                            scale,
-                            sc,
-                            [o(t), o(t + 1), o(t + 2)],
-                        );
+                        let outs = [o(t), o(t + 1), o(t + 2)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, outs);
                     }
                     2 => {
                         let qs = [q(t), q(t + 1)];
-                        attend(qs, &kt, stride, len, v, vs, scale, sc, [o(t), o(t + 1)]);
+                        let outs = [o(t), o(t + 1)];
+                        attend(qs, &kt, stride, len, v, vs, scale, sc, outs);
                     }
                     _ => attend([q(t)], &kt, stride, len, v, vs, scale, sc, [o(t)]),
                 }
