@@ -10,7 +10,7 @@ use mote_store::Task;
 use serde::Serialize;
 
 use crate::inputs::synthetic_image;
-use crate::stats::Rng;
+use crate::stats::{SplitMix64, seeded};
 use crate::target::{Failure, Query, Target};
 
 /// What happened to one case.
@@ -76,7 +76,7 @@ fn adversarial_unicode(n: usize) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn text_cases(max_tokens: Option<usize>, rng: &mut Rng, prompts: bool) -> Vec<Spec> {
+fn text_cases(max_tokens: Option<usize>, rng: &mut SplitMix64, prompts: bool) -> Vec<Spec> {
     let q = |s: String| {
         if prompts {
             Query::Prompt(s)
@@ -161,7 +161,7 @@ fn encode(img: image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     out.into_inner()
 }
 
-fn image_cases(rng: &mut Rng) -> Vec<Spec> {
+fn image_cases(rng: &mut SplitMix64) -> Vec<Spec> {
     let png = synthetic_image(rng, 64, 48, false);
     // A valid PNG whose header claims 100,000 x 100,000 pixels (a decompression bomb).
     let mut bomb = png.clone();
@@ -353,7 +353,7 @@ fn tensor_cases(target: &dyn Target, example: Option<&Query>) -> Vec<Spec> {
 
 /// The cases for `task`.
 fn cases(target: &dyn Target, task: Task, example: Option<&Query>, seed: u64) -> Vec<Spec> {
-    let mut rng = Rng::new(seed ^ 0xab);
+    let mut rng = seeded(seed ^ 0xab);
     match task {
         Task::TextEmbedding | Task::TextClassification => {
             text_cases(target.max_tokens(), &mut rng, false)
@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn the_png_bomb_is_a_well_formed_header_claiming_huge_dimensions() {
-        let mut rng = Rng::new(3);
+        let mut rng = seeded(3);
         let cases = image_cases(&mut rng);
         let Query::Images(img) = &cases.iter().find(|c| c.name == "png-bomb").unwrap().query else {
             panic!("image case")

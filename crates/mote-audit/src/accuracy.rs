@@ -215,17 +215,13 @@ pub fn accuracy(target: &dyn Target, p: &Accuracy) -> Result<Measures> {
         return Ok(m);
     }
     let path = p.data.as_ref().expect("policy check: data or expected_npy");
-    let text = String::from_utf8(read_limited(path)?)
-        .map_err(|e| data_err(path, format!("not UTF-8: {e}")))?;
+    let text = read_limited(path)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let lines: Vec<Value> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| {
-            serde_json::from_str(l).map_err(|e| data_err(path, format!("line {}: {e}", n + 1)))
-        })
-        .collect::<Result<_>>()?;
+    let lines: Vec<Value> = mote_base::jsonl::values(&text)
+        .map_err(|e| data_err(path, e.to_string()))?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     if lines.is_empty() {
         return Err(data_err(path, "it holds no labelled items"));
     }

@@ -9,7 +9,7 @@ use mote_store::Task;
 
 use crate::error::{AuditError, Result};
 use crate::policy::Inputs;
-use crate::stats::Rng;
+use crate::stats::{SplitMix64, seeded};
 use crate::target::Query;
 
 /// Largest input file read.
@@ -101,17 +101,13 @@ pub fn read_texts(path: &Path, field: &str) -> Result<Vec<String>> {
                 })?
         }
         "jsonl" => {
-            let s = String::from_utf8(text).map_err(|e| bad(format!("not UTF-8: {e}")))?;
             let mut out = Vec::new();
-            for (n, line) in s.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
+            for (n, v) in mote_base::jsonl::values(&text).map_err(|e| bad(e.to_string()))? {
                 match v.as_str().or(v[field].as_str()) {
                     Some(t) => out.push(t.to_string()),
                     None => {
                         return Err(bad(format!(
-                            "line {} is neither a string nor an object with {field:?}",
-                            n + 1
+                            "line {n} is neither a string nor an object with {field:?}"
                         )));
                     }
                 }
@@ -179,12 +175,16 @@ fn read_images(dir: &Path) -> Result<Vec<Vec<u8>>> {
 
 /// A synthetic image: smooth colour fields with a few shapes, like a photo's statistics
 /// more than noise does, encoded as PNG or JPEG.
-pub fn synthetic_image(rng: &mut Rng, width: u32, height: u32, jpeg: bool) -> Vec<u8> {
-    let (r0, g0, b0) = (rng.unit() * 255.0, rng.unit() * 255.0, rng.unit() * 255.0);
+pub fn synthetic_image(rng: &mut SplitMix64, width: u32, height: u32, jpeg: bool) -> Vec<u8> {
+    let (r0, g0, b0) = (
+        rng.next_f64() * 255.0,
+        rng.next_f64() * 255.0,
+        rng.next_f64() * 255.0,
+    );
     let (cx, cy, rad) = (
-        rng.unit() * width as f64,
-        rng.unit() * height as f64,
-        (0.1 + rng.unit() * 0.3) * width.min(height) as f64,
+        rng.next_f64() * width as f64,
+        rng.next_f64() * height as f64,
+        (0.1 + rng.next_f64() * 0.3) * width.min(height) as f64,
     );
     let img = image::RgbImage::from_fn(width, height, |x, y| {
         let (fx, fy) = (x as f64 / width as f64, y as f64 / height as f64);
@@ -208,7 +208,7 @@ pub fn synthetic_image(rng: &mut Rng, width: u32, height: u32, jpeg: bool) -> Ve
 
 /// The load scenarios' queries, one item each, in a seeded order.
 pub fn workload(task: Task, inputs: &Inputs, seed: u64) -> Result<Vec<Query>> {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let mut queries: Vec<Query> = match task {
         Task::TextEmbedding | Task::TextClassification => match &inputs.texts {
             Some(p) => read_texts(p, "text")?,

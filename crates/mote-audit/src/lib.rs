@@ -449,22 +449,10 @@ pub fn render(report: &Report) -> Vec<(&'static str, &'static str, Vec<u8>)> {
 
 /// Write the report files into `dir` (each atomically: temp file, fsync, rename).
 pub fn write_reports(files: &[(&str, &str, Vec<u8>)], dir: &Path) -> Result<()> {
-    use std::io::Write as _;
-    let werr = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| AuditError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(werr(dir))?;
     for (name, _, bytes) in files {
         let dest = dir.join(name);
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(werr(&tmp))?;
-        f.write_all(bytes).map_err(werr(&tmp))?;
-        f.sync_all().map_err(werr(&tmp))?;
-        std::fs::rename(&tmp, &dest).map_err(werr(&dest))?;
-    }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+        mote_base::fs::write_atomic(&dest, bytes, Some(0o644))
+            .map_err(|source| AuditError::Write { path: dest, source })?;
     }
     Ok(())
 }

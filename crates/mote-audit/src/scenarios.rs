@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::inputs::merge;
 use crate::policy::{Memory, Offline, Server, SingleStream, Soak};
 use crate::report::Check;
-use crate::stats::{Rng, Summary, Trend, median, trend};
+use crate::stats::{Summary, Trend, median, seeded, trend};
 use crate::target::{Query, Target};
 
 /// How long one load query may take before it counts as an error.
@@ -169,7 +169,7 @@ fn poisson(
     seed: u64,
     tick: &(dyn Fn(u64) + Sync),
 ) -> LatencyRun {
-    let mut rng = Rng::new(seed);
+    let mut rng = seeded(seed);
     let mut at = 0.0;
     let schedule: Vec<f64> = (0..n)
         .map(|_| {

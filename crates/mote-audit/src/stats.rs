@@ -46,22 +46,7 @@ impl Summary {
     }
 }
 
-/// Nearest-rank percentile of sorted values (MLPerf LoadGen's definition: the smallest
-/// value with at least `p` percent of the values at or below it).
-pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// Median of unsorted values.
-pub fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    percentile_sorted(&v, 50.0)
-}
+pub use mote_base::stats::{median, percentile_sorted};
 
 /// A least-squares line `y = intercept + slope·x` with its slope's significance.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -179,50 +164,17 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     ab / (aa * bb).sqrt()
 }
 
-/// SplitMix64: a tiny seeded generator whose sequence never changes between versions, so
-/// a policy's seed always means the same inputs and arrival times.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub use mote_base::rng::SplitMix64;
 
-impl Rng {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x6d6f_7465_6175_6469)
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.unit() * n as f64) as usize % n.max(1)
-    }
-
-    /// Exponential with the given rate (Poisson inter-arrival times).
-    pub fn exponential(&mut self, rate: f64) -> f64 {
-        -(1.0 - self.unit()).ln() / rate
-    }
-
-    /// Fill with random bytes.
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next_u64() as u8).collect()
-    }
+/// The audit's generator for `seed` (salted, so a policy's seed means the same inputs and
+/// arrival times it always has).
+pub fn seeded(seed: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ 0x6d6f_7465_6175_6469)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Rng;
+    use super::seeded;
     use super::*;
     use proptest::prelude::*;
 
@@ -236,15 +188,15 @@ mod tests {
 
     #[test]
     fn a_growing_series_is_significant_and_a_flat_noisy_one_is_not() {
-        let mut rng = Rng::new(1);
+        let mut rng = seeded(1);
         let x: Vec<f64> = (0..60).map(f64::from).collect();
-        let grow: Vec<f64> = x.iter().map(|t| 100.0 + 2.0 * t + rng.unit()).collect();
+        let grow: Vec<f64> = x.iter().map(|t| 100.0 + 2.0 * t + rng.next_f64()).collect();
         let t = trend(&x, &grow).unwrap();
         assert!(
             (t.slope - 2.0).abs() < 0.05 && t.p_increasing < 1e-6,
             "{t:?}"
         );
-        let flat: Vec<f64> = x.iter().map(|_| 100.0 + rng.unit() * 5.0).collect();
+        let flat: Vec<f64> = x.iter().map(|_| 100.0 + rng.next_f64() * 5.0).collect();
         assert!(trend(&x, &flat).unwrap().p_increasing > 0.001);
         assert!(trend(&x[..2], &flat[..2]).is_none());
     }

@@ -22,7 +22,6 @@ mod report;
 mod summarize;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -359,24 +358,8 @@ fn record(item: &Item, loaded: &items::Loaded, job: &str, status: Status, ms: f6
 /// of the directory. A reader sees the old file or the new one, never a part.
 pub fn write_atomic(dir: &Path, tmp: &Path, rel: &str, bytes: &[u8]) -> Result<(), BatchError> {
     let dest = dir.join(rel);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e| BatchError::Io { path, source: e }
-    };
-    let parent = dest.parent().unwrap_or(dir).to_path_buf();
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-    std::fs::create_dir_all(tmp).map_err(io(tmp))?;
-    let mut f = tempfile::NamedTempFile::new_in(tmp).map_err(io(tmp))?;
-    f.write_all(bytes).map_err(io(&dest))?;
-    f.as_file().sync_all().map_err(io(&dest))?;
-    f.persist(&dest).map_err(|e| BatchError::Io {
-        path: dest.clone(),
-        source: e.error,
-    })?;
-    if let Ok(d) = std::fs::File::open(&parent) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    mote_base::fs::write_atomic_via(tmp, &dest, bytes, None)
+        .map_err(|source| BatchError::Io { path: dest, source })
 }
 
 /// Either kind of model, ready for the task.
@@ -670,8 +653,8 @@ fn embed_parts(dir: &Path) -> Vec<PartLine> {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
         );
-        for raw in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(raw) else {
+        for (_, line) in mote_base::jsonl::lines(text.as_bytes()) {
+            let Ok((raw, v)) = line else {
                 continue;
             };
             let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();

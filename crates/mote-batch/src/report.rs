@@ -7,11 +7,9 @@ use crate::items::Item;
 use crate::journal::{Journal, Status};
 use crate::{BatchError, JobModel, JobOptions, Summary};
 
+/// The workspace's one percentile (nearest rank), `q` as a fraction.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+    mote_base::stats::percentile_sorted(sorted, q * 100.0)
 }
 
 pub fn write(

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod batcher;
 mod error;
 pub mod llm;
 pub mod mem;

@@ -25,6 +25,15 @@ pub enum DType {
 }
 
 impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::U8 | DType::I8 | DType::Bool => 1,
+        }
+    }
+
     /// The KServe v2 datatype name.
     pub fn kserve_name(self) -> &'static str {
         match self {
@@ -146,6 +155,11 @@ impl Tensor {
     /// The element type.
     pub fn dtype(&self) -> DType {
         self.data.dtype()
+    }
+
+    /// Bytes of element data.
+    pub fn byte_len(&self) -> usize {
+        self.data.len() * self.dtype().size()
     }
 
     /// The elements as f32, if that is the type.

@@ -549,22 +549,15 @@ impl Service {
     }
 }
 
-/// Write `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
+/// Write `bytes` to `path` atomically (mote-base's writer: temp file in the same
+/// directory, fsync, rename, fsync of the directory), readable by its owner only: state,
+/// checkpoints and keys are the coordinator's.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |what, source| FedError::Io {
-        what,
+    mote_base::fs::write_atomic(path, bytes, None).map_err(|source| FedError::Io {
+        what: "cannot write",
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| io("cannot create the directory of", e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io("cannot write", e))?;
-    tmp.write_all(bytes).map_err(|e| io("cannot write", e))?;
-    tmp.as_file().sync_all().map_err(|e| io("cannot sync", e))?;
-    tmp.persist(path)
-        .map_err(|e| io("cannot rename into", e.error))?;
-    Ok(())
+    })
 }
 
 /// The model files of a round's artifact.

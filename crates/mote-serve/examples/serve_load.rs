@@ -38,39 +38,25 @@ const WORDS: &str = "the a model server answers every request with the exact dig
     meaning search query document answer question please thanks hello goodbye how what why \
     where when who which because therefore however although quickly slowly carefully rarely";
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+use mote_base::rng::SplitMix64 as Rng;
 
 fn texts(n: usize) -> Vec<String> {
     let words: Vec<&str> = WORDS.split_whitespace().collect();
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     (0..n)
         .map(|_| {
-            let len = 4 + (rng.next() % 45) as usize;
+            let len = 4 + (rng.next_u64() % 45) as usize;
             (0..len)
-                .map(|_| words[(rng.next() % words.len() as u64) as usize])
+                .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
                 .collect::<Vec<_>>()
                 .join(" ")
         })
         .collect()
 }
 
+/// The workspace's one percentile (nearest rank), `p` as a fraction.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    mote_base::stats::percentile_sorted(sorted, p * 100.0)
 }
 
 fn report(name: &str, texts_per_s: f64, mut lat_ms: Vec<f64>, errors: usize) -> f64 {
@@ -161,13 +147,13 @@ async fn open_loop(
     rate: f64,
     seconds: f64,
 ) -> (f64, Vec<f64>, usize) {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let started = Instant::now();
     let mut at = 0.0;
     let mut tasks = Vec::new();
     let mut i = 0;
     while at < seconds {
-        at += -(1.0 - rng.unit()).ln() / rate;
+        at += -(1.0 - rng.next_f64()).ln() / rate;
         let scheduled = started + Duration::from_secs_f64(at);
         tokio::time::sleep_until(scheduled.into()).await;
         let (client, url, texts) = (client.clone(), url.to_string(), texts.clone());
@@ -223,13 +209,13 @@ fn offline(store: &str, reference: &str, texts: &[String], seconds: f64) -> f64 
 /// costs times `gain + (1 - gain) / k`, `gain` being the cost of a request in a full batch
 /// relative to alone (single-request rate / saturation rate). Seeded, 200,000 arrivals.
 fn ideal_p99(single: &[f64], gain: f64, rate: f64) -> f64 {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let n = 200_000;
     let mut t = 0.0;
     let arrivals: Vec<(f64, f64)> = (0..n)
         .map(|_| {
-            t += -(1.0 - rng.unit()).ln() / rate * 1e3;
-            (t, single[(rng.next() % single.len() as u64) as usize])
+            t += -(1.0 - rng.next_f64()).ln() / rate * 1e3;
+            (t, single[(rng.next_u64() % single.len() as u64) as usize])
         })
         .collect();
     let (mut free, mut i, mut lat) = (0f64, 0, Vec::with_capacity(n));

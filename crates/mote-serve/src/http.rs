@@ -6,38 +6,43 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State as AxState};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, Path, Request, State as AxState};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
+use http_body_util::BodyExt;
 use mote_engine::llm::{ChatMessage, FinishReason, GenerateOptions, Generation, SamplingOptions};
 use mote_engine::{EngineError, Input, Output, Tensor, TensorData};
 use mote_store::Task;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::worker::{GenEvent, Rejected};
+use crate::json::{Flat, Kind, Limited};
+use crate::limits::OverLimit;
+use crate::worker::{GenEvent, OneshotCaller, Rejected};
 use crate::{Runner, Served, State};
 
 type Shared = Arc<State>;
 
 /// The server's routes.
 pub fn router(state: Shared) -> Router {
-    let max_body = state.options.max_body;
-    Router::new()
+    let router = Router::new()
         .route("/v1/models", get(openai_models))
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v2", get(v2_server))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
-        .route("/v2/health/ready", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(v2_health_ready))
         .route("/v2/models/{name}", get(v2_model))
         .route("/v2/models/{name}/versions/{v}", get(v2_model_version))
         .route("/v2/models/{name}/ready", get(v2_ready))
@@ -52,27 +57,137 @@ pub fn router(state: Shared) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/admin/reload", post(admin_reload))
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
-        .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), guard));
+    // Bodies are read by `Body`, with the server's limits; axum's own limit is not used.
+    let router = router.layer(DefaultBodyLimit::disable());
+    let router = match cors(&state.options.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.with_state(state)
 }
 
-/// API key check and per-request timeout.
+/// CORS for the origins given with `--cors-origin` (none: no CORS headers at all, so a
+/// browser page of another origin can never read a response).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(list)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([header::HeaderName::from_static("x-mote-model-digest")]),
+    )
+}
+
+/// True when `presented` equals `key`, in time that depends on neither (both are hashed
+/// first, and the digests compared in constant time).
+fn key_matches(presented: &str, key: &str) -> bool {
+    use sha2::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let a = sha2::Sha256::digest(presented.as_bytes());
+    let b = sha2::Sha256::digest(key.as_bytes());
+    a.ct_eq(&b).into()
+}
+
+/// The host part of a `Host` header or an origin's authority (`[::1]:8080` → `::1`).
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+/// A `Host` this server answers to while it has no API key: an IP address, `localhost`
+/// (or a name under it), or a name given with `--allow-host`. Anything else is what a
+/// DNS-rebinding page sends.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let h = host_of(host).trim_end_matches('.').to_ascii_lowercase();
+    h.parse::<std::net::IpAddr>().is_ok()
+        || h == "localhost"
+        || h.ends_with(".localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(&h))
+}
+
+/// An `Origin` allowed while there is no API key: the server's own (same scheme-less
+/// authority as `Host`), or one given with `--cors-origin`.
+fn origin_allowed(origin: &str, host: Option<&str>, cors: &[String]) -> bool {
+    if cors.iter().any(|c| c == origin) {
+        return true;
+    }
+    let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+    host.is_some_and(|h| h.eq_ignore_ascii_case(authority))
+}
+
+fn forbidden(msg: &str) -> Response {
+    openai_error(StatusCode::FORBIDDEN, msg, "forbidden")
+}
+
+/// Who may call, then the per-request timeout. With an API key, every endpoint but the
+/// health checks needs `Authorization: Bearer KEY` (compared in constant time). Without
+/// one, the server refuses what only a browser tricked by another site would send: a
+/// `Host` that is not this server's (DNS rebinding) or an `Origin` of another site
+/// (including "simple" cross-origin POSTs, which skip the preflight); `/admin/*` is then
+/// open to loopback peers only.
 async fn guard(AxState(st): AxState<Shared>, req: Request, next: Next) -> Response {
-    if let Some(key) = &st.options.api_key {
-        let open = matches!(req.uri().path(), "/v2/health/live" | "/v2/health/ready");
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|v| v == key);
-        if !open && !ok {
-            return openai_error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API key: send `Authorization: Bearer <key>`",
-                "invalid_api_key",
-            );
+    let path = req.uri().path();
+    let open = matches!(path, "/v2/health/live" | "/v2/health/ready");
+    match &st.options.api_key {
+        Some(key) => {
+            let ok = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|v| key_matches(v, key));
+            if !open && !ok {
+                return openai_error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong API key: send `Authorization: Bearer <key>`",
+                    "invalid_api_key",
+                );
+            }
+        }
+        None => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .map(|h| h.to_str().unwrap_or("\u{0}"));
+            if let Some(h) = host
+                && !host_allowed(h, &st.options.allowed_hosts)
+            {
+                return forbidden(&format!(
+                    "Host {h:?} is not this server's; a server without an API key answers \
+                         only to IP addresses, localhost and names given with --allow-host \
+                         (or set --api-key)"
+                ));
+            }
+            if let Some(origin) = req.headers().get(header::ORIGIN) {
+                let origin = origin.to_str().unwrap_or("");
+                if !origin_allowed(origin, host, &st.options.cors_origins) {
+                    return forbidden(&format!(
+                        "requests from the web origin {origin:?} are refused: this server has \
+                         no API key; allow the origin with --cors-origin, or set --api-key"
+                    ));
+                }
+            }
+            if path.starts_with("/admin/") {
+                let peer = req
+                    .extensions()
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0);
+                if peer.is_some_and(|p| !p.ip().is_loopback()) {
+                    return forbidden(
+                        "/admin/* is open to loopback clients only while the server has no API key",
+                    );
+                }
+            }
         }
     }
     match tokio::time::timeout(st.options.timeout, next.run(req)).await {
@@ -80,12 +195,140 @@ async fn guard(AxState(st): AxState<Shared>, req: Request, next: Next) -> Respon
         Err(_) => openai_error(
             StatusCode::GATEWAY_TIMEOUT,
             &format!(
-                "the request took longer than the server's limit of {:?}",
+                "the request took longer than the server's limit of {:?} (--timeout-s)",
                 st.options.timeout
             ),
             "timeout",
         ),
     }
+}
+
+/// A request body read with the server's limits: at most `--max-body-mib`, within
+/// `--body-timeout-s`, and only while the bytes held by all requests stay within
+/// `--max-inflight-body-mib` (else 429). The budget is given back when it is dropped.
+struct Body {
+    bytes: Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl FromRequest<Shared> for Body {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, st: &Shared) -> Result<Self, Response> {
+        let v2 = req.uri().path().starts_with("/v2");
+        let fail = |status: StatusCode, msg: String, code: &str| {
+            if v2 {
+                v2_error(status, &msg)
+            } else {
+                openai_error(status, &msg, code)
+            }
+        };
+        let limits = &st.options.requests;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(n) = declared.filter(|&n| n > limits.max_body as u64) {
+            let o = OverLimit::size(
+                "the request body's bytes",
+                n as usize,
+                limits.max_body,
+                "--max-body-mib",
+            );
+            return Err(fail(o.status, o.message, "request_too_large"));
+        }
+        let mut body = req.into_body();
+        let deadline = tokio::time::Instant::now() + limits.body_timeout;
+        let mut buf: Vec<u8> = Vec::new();
+        let mut budget: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(fail(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the request body did not arrive within {:?} (--body-timeout-s)",
+                            limits.body_timeout
+                        ),
+                        "timeout",
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(fail(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body could not be read: {e}"),
+                        "invalid_request",
+                    ));
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if buf.len() + data.len() > limits.max_body {
+                let o = OverLimit::size(
+                    "the request body's bytes",
+                    buf.len() + data.len(),
+                    limits.max_body,
+                    "--max-body-mib",
+                );
+                return Err(fail(o.status, o.message, "request_too_large"));
+            }
+            let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            match st.body_budget.clone().try_acquire_many_owned(n) {
+                Ok(p) => match budget.as_mut() {
+                    Some(b) => b.merge(p),
+                    None => budget = Some(p),
+                },
+                Err(_) => {
+                    return Err(fail(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "the server holds as many request bytes as --max-inflight-body-mib \
+                         allows; retry after a moment"
+                            .into(),
+                        "overloaded",
+                    ));
+                }
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(Body {
+            bytes: Bytes::from(buf),
+            _budget: budget,
+        })
+    }
+}
+
+/// Bodies larger than this are parsed on a blocking thread.
+const INLINE_PARSE_BYTES: usize = 64 << 10;
+
+/// Run CPU-heavy request preparation `f` (parsing a large body, templating, tokenising) on
+/// a blocking thread, at most as many at once as the engine has threads, so the async
+/// threads keep answering health checks and small requests.
+async fn prepare<R: Send + 'static>(
+    st: &State,
+    heavy: bool,
+    f: impl FnOnce() -> Result<R, Failure> + Send + 'static,
+) -> Result<R, Failure> {
+    if !heavy {
+        return f();
+    }
+    let _permit = st.prep.clone().acquire_owned().await.map_err(|_| {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".into(),
+            "unavailable",
+        )
+    })?;
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("preparing the request failed: {e}"),
+            "engine_error",
+        )
+    })?
 }
 
 fn openai_error(status: StatusCode, message: &str, code: &str) -> Response {
@@ -133,11 +376,19 @@ impl Failure {
             )
         }
     }
+    fn limit(o: OverLimit) -> Self {
+        let code = if o.status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request_too_large"
+        } else {
+            "limit_exceeded"
+        };
+        Failure(o.status, o.message, code)
+    }
     fn rejected(r: Rejected) -> Self {
         match r {
-            Rejected::Busy => Failure(
+            Rejected::Busy(why) => Failure(
                 StatusCode::TOO_MANY_REQUESTS,
-                "the model's queue is full; retry after a moment".into(),
+                format!("{why} (--max-queue); retry after a moment"),
                 "overloaded",
             ),
             Rejected::Gone => Failure(
@@ -212,7 +463,14 @@ async fn run_pipeline(m: &Served, input: Input) -> Result<Output, Failure> {
             m.name
         )));
     };
-    let rx = w.submit(input).map_err(Failure::rejected)?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let deadline = Some(Instant::now() + Duration::from_secs(3600));
+    w.submit(
+        input,
+        Box::new(OneshotCaller(reply)),
+        mote_engine::batcher::Submit { deadline },
+    )
+    .map_err(Failure::rejected)?;
     let (out, _) = rx
         .await
         .map_err(|_| {
@@ -245,28 +503,76 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 #[derive(Deserialize)]
 struct EmbeddingsRequest {
     model: String,
-    input: OneOrMany,
+    /// Read by [`crate::json::texts`], which stops past `--max-inputs`.
+    input: Box<RawValue>,
     #[serde(default)]
     encoding_format: Option<String>,
 }
 
-async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Response {
+/// The texts of an input list, at most `--max-inputs` of them.
+fn limited_texts(raw: &RawValue, max: usize, what: &str) -> Result<Vec<String>, Failure> {
+    crate::json::texts(raw, max).map_err(|e| match e {
+        Limited::TooMany(n) => Failure::limit(OverLimit::size(
+            &format!("texts in {what}"),
+            format!("at least {n}"),
+            max,
+            "--max-inputs",
+        )),
+        Limited::Invalid(m) => {
+            Failure::bad(format!("{what} must be a string or a list of strings: {m}"))
+        }
+    })
+}
+
+/// Refuse an embedding request whose texts would be more than `--max-request-tokens`
+/// tokens after truncation. Cheap first: a token covers at least one byte, so
+/// `min(max_length, bytes + specials)` bounds each text; only a request over the limit by
+/// that bound is tokenised to count exactly.
+fn token_bound(m: &Served, texts: &[String]) -> usize {
+    match m.counter.as_deref() {
+        Some(mote_engine::Pipeline::TextEmbedding(p)) => texts
+            .iter()
+            .map(|t| (t.len() + 4).min(p.max_length()))
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The exact count, for requests whose [`token_bound`] is over the limit.
+fn check_tokens(m: &Served, texts: &[String], limit: usize) -> Result<(), Failure> {
+    let Some(mote_engine::Pipeline::TextEmbedding(p)) = m.counter.as_deref() else {
+        return Ok(());
+    };
+    let mut n = 0usize;
+    for t in texts {
+        n += p.count_tokens(t).map_err(Failure::from_engine)?;
+        if n > limit {
+            return Err(Failure::limit(OverLimit::size(
+                "tokens in this request",
+                format!("at least {n}"),
+                limit,
+                "--max-request-tokens",
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn openai_embeddings(AxState(st): AxState<Shared>, body: Body) -> Response {
     let started = Instant::now();
     let mut served = None;
     let result = async {
-        let req: EmbeddingsRequest = parse(&body)?;
+        let bytes = body.bytes.clone();
+        let max = st.options.requests.max_inputs;
+        let (req, texts) = prepare(&st, bytes.len() > INLINE_PARSE_BYTES, move || {
+            let req: EmbeddingsRequest = parse(&bytes)?;
+            let texts = limited_texts(&req.input, max, "input")?;
+            Ok((req, texts))
+        })
+        .await?;
         let m = model(&st, &req.model)?;
         served = Some(m.clone());
         if m.task != Task::TextEmbedding {
@@ -275,7 +581,6 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Respons
                 m.name, m.task
             )));
         }
-        let texts = req.input.into_vec();
         if texts.is_empty() {
             return Err(Failure::bad(
                 "input is empty: give a string or a list of strings",
@@ -290,6 +595,17 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Bytes) -> Respons
                 )));
             }
         };
+        let limit = st.options.requests.max_request_tokens;
+        let heavy = token_bound(&m, &texts) > limit;
+        let m2 = m.clone();
+        let texts = prepare(&st, heavy, move || {
+            if heavy {
+                check_tokens(&m2, &texts, limit)?;
+            }
+            Ok(texts)
+        })
+        .await?;
+        drop(body);
         let Output::Embeddings(es) = run_pipeline(&m, Input::Texts(texts)).await? else {
             return Err(Failure::bad("the model did not return embeddings"));
         };
@@ -347,6 +663,49 @@ struct GenRequest {
 }
 
 impl GenRequest {
+    /// Sampling options, within the server's limits: `max_tokens` clamped to
+    /// `--max-new-tokens`, stop strings counted and measured.
+    fn limited_options(&self, limits: &crate::RequestLimits) -> Result<GenerateOptions, Failure> {
+        let mut o = self.options();
+        o.max_tokens = o.max_tokens.min(limits.max_new_tokens);
+        if o.stop.len() > limits.max_stop {
+            return Err(Failure::limit(OverLimit::count(
+                "stop strings",
+                o.stop.len(),
+                limits.max_stop,
+                "--max-stop",
+            )));
+        }
+        if let Some(long) = o.stop.iter().map(String::len).max()
+            && long > limits.max_stop_bytes
+        {
+            return Err(Failure::limit(OverLimit::count(
+                "bytes of a stop string",
+                long,
+                limits.max_stop_bytes,
+                "--max-stop-bytes",
+            )));
+        }
+        o.sampling.validate().map_err(Failure::bad)?;
+        Ok(o)
+    }
+
+    /// Bytes of the prompt or of the messages' text.
+    fn prompt_bytes(&self) -> usize {
+        let messages: usize = self
+            .messages
+            .iter()
+            .flatten()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        let prompt = match &self.prompt {
+            Some(OneOrMany::One(p)) => p.len(),
+            Some(OneOrMany::Many(v)) => v.iter().map(String::len).sum(),
+            None => 0,
+        };
+        messages + prompt
+    }
+
     fn options(&self) -> GenerateOptions {
         let d = SamplingOptions::default();
         GenerateOptions {
@@ -389,21 +748,25 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn openai_chat(AxState(st): AxState<Shared>, body: Bytes) -> Response {
+async fn openai_chat(AxState(st): AxState<Shared>, body: Body) -> Response {
     generate(st, body, true).await
 }
 
-async fn openai_completions(AxState(st): AxState<Shared>, body: Bytes) -> Response {
+async fn openai_completions(AxState(st): AxState<Shared>, body: Body) -> Response {
     generate(st, body, false).await
 }
 
-async fn generate(st: Shared, body: Bytes, chat: bool) -> Response {
+async fn generate(st: Shared, body: Body, chat: bool) -> Response {
     let started = Instant::now();
     let endpoint = if chat { "chat" } else { "completions" };
     let st2 = st.clone();
     let mut served: Option<Arc<Served>> = None;
     let result: Result<Response, Failure> = async {
-        let req: GenRequest = parse(&body)?;
+        let bytes = body.bytes.clone();
+        let req: GenRequest = prepare(&st2, bytes.len() > INLINE_PARSE_BYTES, move || {
+            parse(&bytes)
+        })
+        .await?;
         let m = model(&st2, &req.model)?;
         served = Some(m.clone());
         let (Runner::Llm(w), Some(llm)) = (&m.runner, m.model.llm()) else {
@@ -412,33 +775,49 @@ async fn generate(st: Shared, body: Bytes, chat: bool) -> Response {
                 m.name, m.task
             )));
         };
-        let ids = if chat {
-            let messages = req
-                .messages
-                .as_ref()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| Failure::bad("messages is missing or empty"))?;
-            llm.chat_tokens(messages, true)
-                .map_err(Failure::from_engine)?
-        } else {
-            let prompt = match &req.prompt {
-                Some(OneOrMany::One(p)) => p.clone(),
-                Some(OneOrMany::Many(v)) if v.len() == 1 => v[0].clone(),
-                Some(OneOrMany::Many(_)) => {
-                    return Err(Failure::bad("give one prompt per request"));
-                }
-                None => return Err(Failure::bad("prompt is missing")),
-            };
-            llm.tokenizer()
-                .encode_prompt(&prompt)
-                .map_err(Failure::from_engine)?
-        };
-        let options = req.options();
-        options.sampling.validate().map_err(Failure::bad)?;
+        let limits = &st2.options.requests;
+        let prompt_bytes = req.prompt_bytes();
+        if prompt_bytes > limits.max_prompt_bytes {
+            return Err(Failure::limit(OverLimit::size(
+                "bytes of prompt text",
+                prompt_bytes,
+                limits.max_prompt_bytes,
+                "--max-prompt-bytes",
+            )));
+        }
+        let options = req.limited_options(limits)?;
+        // Templating and tokenising run off the async threads.
+        let llm = llm.clone();
+        let stream = req.stream;
+        let ids = prepare(&st2, prompt_bytes > 16 << 10, move || {
+            if chat {
+                let messages = req
+                    .messages
+                    .as_ref()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| Failure::bad("messages is missing or empty"))?;
+                llm.chat_tokens(messages, true)
+                    .map_err(Failure::from_engine)
+            } else {
+                let prompt = match &req.prompt {
+                    Some(OneOrMany::One(p)) => p.as_str(),
+                    Some(OneOrMany::Many(v)) if v.len() == 1 => v[0].as_str(),
+                    Some(OneOrMany::Many(_)) => {
+                        return Err(Failure::bad("give one prompt per request"));
+                    }
+                    None => return Err(Failure::bad("prompt is missing")),
+                };
+                llm.tokenizer()
+                    .encode_prompt(prompt)
+                    .map_err(Failure::from_engine)
+            }
+        })
+        .await?;
+        drop(body);
         let rx = w.submit(ids, options).map_err(Failure::rejected)?;
         let id = format!("mote-{:x}", started.elapsed().as_nanos() ^ now() as u128);
         let name = m.name.clone();
-        if req.stream {
+        if stream {
             Ok(stream_response(rx, id, name, chat))
         } else {
             let g = collect(rx).await?;
@@ -610,8 +989,33 @@ async fn v2_model_version(
     v2_model(st, Path(name)).await
 }
 
+/// Ready when every served model is (none is being rebuilt after a panic).
+async fn v2_health_ready(AxState(st): AxState<Shared>) -> Response {
+    let down: Vec<String> = st
+        .models()
+        .iter()
+        .filter(|m| !m.ready())
+        .map(|m| m.name.clone())
+        .collect();
+    if down.is_empty() {
+        StatusCode::OK.into_response()
+    } else {
+        v2_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {} (restarting after a fault)", down.join(", ")),
+        )
+    }
+}
+
 async fn v2_ready(AxState(st): AxState<Shared>, Path(name): Path<String>) -> Response {
     match st.find(&name) {
+        Some(m) if !m.ready() => with_digest(
+            v2_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{name} is restarting after a fault"),
+            ),
+            &m,
+        ),
         Some(m) => with_digest(StatusCode::OK.into_response(), &m),
         None => v2_error(
             StatusCode::NOT_FOUND,
@@ -633,8 +1037,9 @@ struct V2Tensor {
     #[serde(default)]
     shape: Vec<i64>,
     datatype: String,
+    /// Read by [`crate::json::flat`] after the shape is checked against the limits.
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<RawValue>>,
     #[serde(default)]
     parameters: Option<Value>,
 }
@@ -644,13 +1049,6 @@ struct V2Request {
     #[serde(default)]
     id: Option<String>,
     inputs: Vec<V2Tensor>,
-}
-
-fn flat(v: &Value, out: &mut Vec<Value>) {
-    match v {
-        Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
-        x => out.push(x.clone()),
-    }
 }
 
 /// Triton's binary-data extension: a JSON header of `Inference-Header-Content-Length`
@@ -676,7 +1074,9 @@ fn split_binary_at(header: Option<&str>, body: &Bytes) -> Result<(Bytes, Bytes),
     }
 }
 
-fn v2_tensor(t: &V2Tensor, binary: &mut Bytes) -> Result<Tensor, Failure> {
+/// The declared shape of an input and its element count, refused past `limit` (flag
+/// `flag`) before any of its data is read.
+fn v2_shape(t: &V2Tensor, limit: usize, flag: &str) -> Result<(Vec<usize>, usize), Failure> {
     let shape: Vec<usize> = t
         .shape
         .iter()
@@ -689,97 +1089,173 @@ fn v2_tensor(t: &V2Tensor, binary: &mut Bytes) -> Result<Tensor, Failure> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| Failure::bad(format!("input {}: shape {shape:?} is too large", t.name)))?;
-    let raw = match t
+    if n > limit {
+        return Err(Failure::limit(OverLimit::size(
+            &format!("elements of input {} (shape {shape:?})", t.name),
+            n,
+            limit,
+            flag,
+        )));
+    }
+    Ok((shape, n))
+}
+
+/// The `binary_data_size` bytes of an input, taken off the front of the binary part.
+fn v2_binary(t: &V2Tensor, binary: &mut Bytes) -> Result<Option<Bytes>, Failure> {
+    let Some(size) = t
         .parameters
         .as_ref()
         .and_then(|p| p.get("binary_data_size"))
         .and_then(Value::as_u64)
-    {
-        Some(size) => {
-            let size = size as usize;
-            if size > binary.len() {
+    else {
+        return Ok(None);
+    };
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    if size > binary.len() {
+        return Err(Failure::bad(format!(
+            "input {}: binary_data_size {size} exceeds the {} binary bytes sent",
+            t.name,
+            binary.len()
+        )));
+    }
+    Ok(Some(binary.split_to(size)))
+}
+
+fn v2_tensor(t: &V2Tensor, binary: &mut Bytes, limit: usize) -> Result<Tensor, Failure> {
+    let (shape, n) = v2_shape(t, limit, "--max-tensor-elements")?;
+    let dtype = mote_engine::DType::from_kserve_name(&t.datatype).ok_or_else(|| {
+        Failure::bad(format!(
+            "input {}: datatype {} is not supported for tensor models \
+             (FP32, FP64, INT64, INT32, UINT8, INT8, BOOL)",
+            t.name, t.datatype
+        ))
+    })?;
+    let data = match v2_binary(t, binary)? {
+        Some(raw) => {
+            if raw.len() != n * dtype.size() {
                 return Err(Failure::bad(format!(
-                    "input {}: binary_data_size {size} exceeds the {} binary bytes sent",
+                    "input {}: shape {shape:?} of {} needs {} bytes, binary_data_size is {}",
                     t.name,
-                    binary.len()
+                    t.datatype,
+                    n * dtype.size(),
+                    raw.len()
                 )));
             }
-            Some(binary.split_to(size))
+            decode_le(dtype, &raw)
         }
-        None => None,
-    };
-    let mut vals = Vec::new();
-    if raw.is_none() {
-        let data = t
-            .data
-            .as_ref()
-            .ok_or_else(|| Failure::bad(format!("input {} has no data", t.name)))?;
-        flat(data, &mut vals);
-        if vals.len() != n {
-            return Err(Failure::bad(format!(
-                "input {}: shape {:?} needs {n} values, data has {}",
-                t.name,
-                shape,
-                vals.len()
-            )));
-        }
-    }
-    let num = |v: &Value| {
-        v.as_f64()
-            .ok_or_else(|| Failure::bad(format!("input {}: non-numeric data", t.name)))
-    };
-    let data = match t.datatype.as_str() {
-        "FP32" => TensorData::F32(match &raw {
-            Some(b) => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            None => vals
-                .iter()
-                .map(|v| num(v).map(|x| x as f32))
-                .collect::<Result<_, _>>()?,
-        }),
-        "INT64" => TensorData::I64(match &raw {
-            Some(b) => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                .collect(),
-            None => vals
-                .iter()
-                .map(|v| {
-                    v.as_i64()
-                        .ok_or_else(|| Failure::bad(format!("input {}: non-integer data", t.name)))
-                })
-                .collect::<Result<_, _>>()?,
-        }),
-        other => {
-            return Err(Failure::bad(format!(
-                "input {}: datatype {other} is not supported for tensor models (FP32, INT64)",
-                t.name
-            )));
+        None => {
+            let raw = t
+                .data
+                .as_ref()
+                .ok_or_else(|| Failure::bad(format!("input {} has no data", t.name)))?;
+            let kind = match dtype {
+                mote_engine::DType::F32 | mote_engine::DType::F64 => Kind::Floats,
+                mote_engine::DType::Bool => Kind::Bools,
+                _ => Kind::Ints,
+            };
+            let values = crate::json::flat(raw, kind, n).map_err(|e| match e {
+                Limited::TooMany(_) => Failure::bad(format!(
+                    "input {}: shape {shape:?} needs {n} values, data has more",
+                    t.name
+                )),
+                Limited::Invalid(m) => {
+                    Failure::bad(format!("input {}: data of {}: {m}", t.name, t.datatype))
+                }
+            })?;
+            let got = match &values {
+                Flat::Floats(v) => v.len(),
+                Flat::Ints(v) => v.len(),
+                Flat::Bools(v) => v.len(),
+                Flat::Strings(v) => v.len(),
+            };
+            if got != n {
+                return Err(Failure::bad(format!(
+                    "input {}: shape {shape:?} needs {n} values, data has {got}",
+                    t.name
+                )));
+            }
+            from_json_values(dtype, values, &t.name)?
         }
     };
     Tensor::new(shape, data).map_err(Failure::from_engine)
 }
 
-/// BYTES elements of a tensor: JSON strings, or the binary form (4-byte length + bytes).
-fn v2_bytes(t: &V2Tensor, binary: &mut Bytes) -> Result<Vec<Vec<u8>>, Failure> {
-    if let Some(size) = t
-        .parameters
-        .as_ref()
-        .and_then(|p| p.get("binary_data_size"))
-        .and_then(Value::as_u64)
-    {
-        let size = size as usize;
-        if size > binary.len() {
+/// Little-endian elements (the length is a whole number of elements).
+fn decode_le(dtype: mote_engine::DType, b: &[u8]) -> TensorData {
+    use mote_engine::DType as D;
+    fn each<const N: usize, T>(b: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+        b.chunks_exact(N)
+            .map(|c| f(c.try_into().unwrap_or([0; N])))
+            .collect()
+    }
+    match dtype {
+        D::F32 => TensorData::F32(each(b, f32::from_le_bytes)),
+        D::F64 => TensorData::F64(each(b, f64::from_le_bytes)),
+        D::I64 => TensorData::I64(each(b, i64::from_le_bytes)),
+        D::I32 => TensorData::I32(each(b, i32::from_le_bytes)),
+        D::U8 => TensorData::U8(b.to_vec()),
+        D::I8 => TensorData::I8(each(b, |[x]: [u8; 1]| x as i8)),
+        D::Bool => TensorData::Bool(b.iter().map(|&x| x != 0).collect()),
+    }
+}
+
+/// JSON values as elements of `dtype`, refusing integers out of the type's range.
+fn from_json_values(dtype: mote_engine::DType, v: Flat, name: &str) -> Result<TensorData, Failure> {
+    use mote_engine::DType as D;
+    let range = |what: &str| {
+        Failure::bad(format!(
+            "input {name}: a value is out of the range of {what}"
+        ))
+    };
+    Ok(match (dtype, v) {
+        (D::F32, Flat::Floats(v)) => TensorData::F32(v.into_iter().map(|x| x as f32).collect()),
+        (D::F64, Flat::Floats(v)) => TensorData::F64(v),
+        (D::I64, Flat::Ints(v)) => TensorData::I64(v),
+        (D::I32, Flat::Ints(v)) => TensorData::I32(
+            v.into_iter()
+                .map(|x| i32::try_from(x).map_err(|_| range("INT32")))
+                .collect::<Result<_, _>>()?,
+        ),
+        (D::U8, Flat::Ints(v)) => TensorData::U8(
+            v.into_iter()
+                .map(|x| u8::try_from(x).map_err(|_| range("UINT8")))
+                .collect::<Result<_, _>>()?,
+        ),
+        (D::I8, Flat::Ints(v)) => TensorData::I8(
+            v.into_iter()
+                .map(|x| i8::try_from(x).map_err(|_| range("INT8")))
+                .collect::<Result<_, _>>()?,
+        ),
+        (D::Bool, Flat::Bools(v)) => TensorData::Bool(v),
+        _ => {
             return Err(Failure::bad(format!(
-                "input {}: binary_data_size exceeds the body",
-                t.name
+                "input {name}: data of the wrong type"
             )));
         }
-        let mut b = binary.split_to(size);
+    })
+}
+
+/// BYTES elements of a tensor: JSON strings, or the binary form (4-byte length + bytes),
+/// at most `limit` of them (`--max-inputs`), checked against the declared shape first.
+fn v2_bytes(t: &V2Tensor, binary: &mut Bytes, limit: usize) -> Result<Vec<Vec<u8>>, Failure> {
+    let declared = if t.shape.is_empty() {
+        None
+    } else {
+        Some(v2_shape(t, limit, "--max-inputs")?.1)
+    };
+    let most = declared.unwrap_or(limit);
+    let too_many = || {
+        Failure::bad(format!(
+            "input {}: more elements than its shape {:?} declares",
+            t.name, t.shape
+        ))
+    };
+    let out = if let Some(mut b) = v2_binary(t, binary)? {
         let mut out = Vec::new();
         while !b.is_empty() {
+            if out.len() == most {
+                return Err(too_many());
+            }
             if b.len() < 4 {
                 return Err(Failure::bad(format!(
                     "input {}: truncated BYTES element",
@@ -796,24 +1272,43 @@ fn v2_bytes(t: &V2Tensor, binary: &mut Bytes) -> Result<Vec<Vec<u8>>, Failure> {
             }
             out.push(b.split_to(len).to_vec());
         }
-        return Ok(out);
-    }
-    let mut vals = Vec::new();
-    flat(
-        t.data
+        out
+    } else {
+        let raw = t
+            .data
             .as_ref()
-            .ok_or_else(|| Failure::bad(format!("input {} has no data", t.name)))?,
-        &mut vals,
-    );
-    vals.iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s.as_bytes().to_vec()),
-            _ => Err(Failure::bad(format!(
-                "input {}: BYTES data must be strings",
-                t.name
-            ))),
-        })
-        .collect()
+            .ok_or_else(|| Failure::bad(format!("input {} has no data", t.name)))?;
+        match crate::json::flat(raw, Kind::Strings, most) {
+            Ok(Flat::Strings(v)) => v.into_iter().map(String::into_bytes).collect(),
+            Ok(_) => Vec::new(),
+            Err(Limited::TooMany(_)) if declared.is_none() => {
+                return Err(Failure::limit(OverLimit::size(
+                    &format!("elements of input {}", t.name),
+                    format!("at least {}", limit + 1),
+                    limit,
+                    "--max-inputs",
+                )));
+            }
+            Err(Limited::TooMany(_)) => return Err(too_many()),
+            Err(Limited::Invalid(m)) => {
+                return Err(Failure::bad(format!(
+                    "input {}: BYTES data must be strings: {m}",
+                    t.name
+                )));
+            }
+        }
+    };
+    if let Some(n) = declared
+        && out.len() != n
+    {
+        return Err(Failure::bad(format!(
+            "input {}: shape {:?} declares {n} elements, {} were sent",
+            t.name,
+            t.shape,
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// Every request-body parser the server has, run on untrusted bytes (for the fuzz target
@@ -826,8 +1321,9 @@ pub fn parse_untrusted_request(data: &[u8]) -> usize {
         None => (None, data),
     };
     let body = Bytes::copy_from_slice(body);
-    let _ = parse::<EmbeddingsRequest>(&body).map(|r| r.input.into_vec());
-    let _ = parse::<GenRequest>(&body).map(|r| r.options().sampling.validate().is_ok());
+    let limits = crate::RequestLimits::default();
+    let _ = parse::<EmbeddingsRequest>(&body).map(|r| limited_texts(&r.input, 256, "input"));
+    let _ = parse::<GenRequest>(&body).map(|r| r.limited_options(&limits).is_ok());
     let Ok((json_part, mut binary)) = split_binary_at(header.filter(|h| !h.is_empty()), &body)
     else {
         return 0;
@@ -839,9 +1335,9 @@ pub fn parse_untrusted_request(data: &[u8]) -> usize {
         .iter()
         .filter(|t| {
             if t.datatype == "BYTES" {
-                v2_bytes(t, &mut binary).is_ok()
+                v2_bytes(t, &mut binary, limits.max_inputs).is_ok()
             } else {
-                v2_tensor(t, &mut binary).is_ok()
+                v2_tensor(t, &mut binary, 1 << 20).is_ok()
             }
         })
         .count()
@@ -851,7 +1347,7 @@ async fn v2_infer(
     AxState(st): AxState<Shared>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let started = Instant::now();
     let served = st.find(&name);
@@ -860,59 +1356,90 @@ async fn v2_infer(
             Some(m) => m.clone(),
             None => model(&st, &name)?,
         };
-        let (json_part, mut binary) = split_binary(&headers, &body)?;
-        let req: V2Request = parse(&json_part)?;
-        if req.inputs.is_empty() {
-            return Err(Failure::bad("inputs is empty"));
-        }
-        let outputs: Vec<Value> = match m.task {
-            Task::TextEmbedding | Task::ImageClassification => {
-                let items = v2_bytes(&req.inputs[0], &mut binary)?;
-                if m.task == Task::TextEmbedding {
-                    let texts = items
-                        .into_iter()
-                        .map(|b| String::from_utf8(b).map_err(|_| Failure::bad("a text input is not UTF-8")))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let Output::Embeddings(es) = run_pipeline(&m, Input::Texts(texts)).await? else {
-                        return Err(Failure::bad("no embeddings"));
-                    };
-                    let dim = es.first().map_or(0, |e| e.vector.len());
-                    let data: Vec<f32> = es.iter().flat_map(|e| e.vector.iter().copied()).collect();
-                    vec![json!({"name": "embedding", "datatype": "FP32", "shape": [es.len(), dim], "data": data})]
-                } else {
-                    let Output::Classes(cs) = run_pipeline(&m, Input::Images(items)).await? else {
-                        return Err(Failure::bad("no classes"));
-                    };
-                    let k = cs.first().map_or(0, Vec::len);
-                    let probs: Vec<f32> = cs.iter().flat_map(|c| c.iter().map(|x| x.score)).collect();
-                    let labels: Vec<String> = cs.iter().flat_map(|c| c.iter().map(|x| x.label.clone())).collect();
-                    vec![
-                        json!({"name": "probabilities", "datatype": "FP32", "shape": [cs.len(), k], "data": probs}),
-                        json!({"name": "labels", "datatype": "BYTES", "shape": [cs.len(), k], "data": labels}),
-                    ]
-                }
+        let limits = st.options.requests.clone();
+        let (json_part, binary) = split_binary(&headers, &body.bytes)?;
+        let heavy = body.bytes.len() > INLINE_PARSE_BYTES;
+        let task = m.task;
+        // Parse and decode the inputs off the async threads when the body is large.
+        let (id, input) = prepare(&st, heavy, move || {
+            let mut binary = binary;
+            let req: V2Request = parse(&json_part)?;
+            if req.inputs.is_empty() {
+                return Err(Failure::bad("inputs is empty"));
             }
-            Task::TextGeneration => {
+            let input = match task {
+                Task::TextEmbedding | Task::TextGeneration => {
+                    let items = v2_bytes(&req.inputs[0], &mut binary, limits.max_inputs)?;
+                    Input::Texts(
+                        items
+                            .into_iter()
+                            .map(|b| String::from_utf8(b).map_err(|_| Failure::bad("a text input is not UTF-8")))
+                            .collect::<Result<Vec<_>, _>>()?,
+                    )
+                }
+                Task::ImageClassification => {
+                    Input::Images(v2_bytes(&req.inputs[0], &mut binary, limits.max_inputs)?)
+                }
+                _ => Input::Tensors(
+                    req.inputs
+                        .iter()
+                        .map(|t| Ok((t.name.clone(), v2_tensor(t, &mut binary, limits.max_tensor_elements)?)))
+                        .collect::<Result<Vec<_>, Failure>>()?,
+                ),
+            };
+            Ok((req.id, input))
+        })
+        .await?;
+        drop(body);
+        let outputs: Vec<Value> = match (m.task, input) {
+            (Task::TextEmbedding, Input::Texts(texts)) => {
+                let Output::Embeddings(es) = run_pipeline(&m, Input::Texts(texts)).await? else {
+                    return Err(Failure::bad("no embeddings"));
+                };
+                let dim = es.first().map_or(0, |e| e.vector.len());
+                let data: Vec<f32> = es.iter().flat_map(|e| e.vector.iter().copied()).collect();
+                vec![json!({"name": "embedding", "datatype": "FP32", "shape": [es.len(), dim], "data": data})]
+            }
+            (Task::ImageClassification, input) => {
+                let Output::Classes(cs) = run_pipeline(&m, input).await? else {
+                    return Err(Failure::bad("no classes"));
+                };
+                let k = cs.first().map_or(0, Vec::len);
+                let probs: Vec<f32> = cs.iter().flat_map(|c| c.iter().map(|x| x.score)).collect();
+                let labels: Vec<String> = cs.iter().flat_map(|c| c.iter().map(|x| x.label.clone())).collect();
+                vec![
+                    json!({"name": "probabilities", "datatype": "FP32", "shape": [cs.len(), k], "data": probs}),
+                    json!({"name": "labels", "datatype": "BYTES", "shape": [cs.len(), k], "data": labels}),
+                ]
+            }
+            (Task::TextGeneration, Input::Texts(texts)) => {
                 let (Runner::Llm(w), Some(llm)) = (&m.runner, m.model.llm()) else {
                     return Err(Failure::bad("not a language model"));
                 };
-                let prompt = v2_bytes(&req.inputs[0], &mut binary)?
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Failure::bad("text_input is empty"))?;
-                let prompt = String::from_utf8(prompt).map_err(|_| Failure::bad("text_input is not UTF-8"))?;
-                let ids = llm.tokenizer().encode_prompt(&prompt).map_err(Failure::from_engine)?;
-                let rx = w.submit(ids, GenerateOptions::default()).map_err(Failure::rejected)?;
+                let prompt = texts.into_iter().next().ok_or_else(|| Failure::bad("text_input is empty"))?;
+                if prompt.len() > limits.max_prompt_bytes {
+                    return Err(Failure::limit(OverLimit::size(
+                        "bytes of prompt text",
+                        prompt.len(),
+                        limits.max_prompt_bytes,
+                        "--max-prompt-bytes",
+                    )));
+                }
+                let llm = llm.clone();
+                let ids = prepare(&st, prompt.len() > 16 << 10, move || {
+                    llm.tokenizer().encode_prompt(&prompt).map_err(Failure::from_engine)
+                })
+                .await?;
+                let options = GenerateOptions {
+                    max_tokens: GenerateOptions::default().max_tokens.min(limits.max_new_tokens),
+                    ..Default::default()
+                };
+                let rx = w.submit(ids, options).map_err(Failure::rejected)?;
                 let g = collect(rx).await?;
                 vec![json!({"name": "text_output", "datatype": "BYTES", "shape": [1], "data": [g.text]})]
             }
-            _ => {
-                let tensors = req
-                    .inputs
-                    .iter()
-                    .map(|t| Ok((t.name.clone(), v2_tensor(t, &mut binary)?)))
-                    .collect::<Result<Vec<_>, Failure>>()?;
-                let Output::Tensors(ts) = run_pipeline(&m, Input::Tensors(tensors)).await? else {
+            (_, input) => {
+                let Output::Tensors(ts) = run_pipeline(&m, input).await? else {
                     return Err(Failure::bad("no tensors"));
                 };
                 ts.iter().map(|(n, t)| t.to_kserve_json(n)).collect()
@@ -920,7 +1447,7 @@ async fn v2_infer(
         };
         let mut resp = json!({"model_name": m.name, "model_version": "1", "outputs": outputs,
                               "parameters": {"digest": m.digest}});
-        if let Some(id) = req.id {
+        if let Some(id) = id {
             resp["id"] = json!(id);
         }
         Ok(axum::Json(resp).into_response())
@@ -933,7 +1460,7 @@ async fn v2_infer_version(
     st: AxState<Shared>,
     Path((name, _v)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     v2_infer(st, Path(name), headers, body).await
 }
@@ -959,13 +1486,7 @@ async fn metrics(AxState(st): AxState<Shared>) -> Response {
     let depths: Vec<(String, usize)> = st
         .models()
         .iter()
-        .map(|m| {
-            let d = match &m.runner {
-                Runner::Pipeline(w) => w.depth(),
-                Runner::Llm(w) => w.depth(),
-            };
-            (m.name.clone(), d)
-        })
+        .map(|m| (m.name.clone(), m.depth()))
         .collect();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -10,6 +10,8 @@
 #![deny(missing_docs)]
 
 mod http;
+pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod worker;
 
@@ -17,12 +19,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use mote_engine::batcher::Rebuild;
 use mote_engine::{EngineOptions, Model, Pipeline, ThreadPool};
 use mote_store::{Reference, Store, Task};
 
 pub use http::{parse_untrusted_request, router};
+pub use limits::{ConnectionLimits, RequestLimits};
 use metrics::Metrics;
-use worker::{BatchLimits, LlmWorker, PipelineWorker};
+use worker::{BatchLimits, Batcher, LlmWorker};
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -37,12 +41,37 @@ pub struct ServeOptions {
     pub instances: usize,
     /// Batching and queue limits.
     pub limits: BatchLimits,
+    /// Per-request limits.
+    pub requests: RequestLimits,
+    /// Connection limits.
+    pub connections: ConnectionLimits,
     /// Required bearer token, if any.
     pub api_key: Option<String>,
-    /// Largest request body accepted (bytes).
-    pub max_body: usize,
+    /// Origins allowed to call from a browser (CORS); none by default.
+    pub cors_origins: Vec<String>,
+    /// Host names accepted in `Host` besides IP addresses and `localhost` (DNS-rebinding
+    /// protection while no API key is set).
+    pub allowed_hosts: Vec<String>,
     /// Per-request time limit.
     pub timeout: Duration,
+}
+
+impl ServeOptions {
+    /// Default limits on `addr`.
+    pub fn new(addr: SocketAddr) -> ServeOptions {
+        ServeOptions {
+            addr,
+            threads: None,
+            instances: 1,
+            limits: BatchLimits::default(),
+            requests: RequestLimits::default(),
+            connections: ConnectionLimits::default(),
+            api_key: None,
+            cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            timeout: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Errors starting the server.
@@ -73,7 +102,7 @@ pub enum ServeError {
 #[derive(Clone)]
 pub enum Runner {
     /// Embeddings, classes or tensors.
-    Pipeline(PipelineWorker),
+    Pipeline(Batcher),
     /// Text generation.
     Llm(LlmWorker),
 }
@@ -93,8 +122,29 @@ pub struct Served {
     pub model: Arc<Model>,
     /// Its worker.
     pub runner: Runner,
-    /// Input names/types/shapes for KServe metadata (tensor models).
+    /// A text pipeline of its own for counting tokens before a request is queued
+    /// (embedding models).
+    pub counter: Option<Arc<Pipeline>>,
+    /// When it was loaded (seconds since the epoch).
     pub created: u64,
+}
+
+impl Served {
+    /// False while its worker is being rebuilt after a panic.
+    pub fn ready(&self) -> bool {
+        match &self.runner {
+            Runner::Pipeline(b) => b.ready(),
+            Runner::Llm(w) => w.ready(),
+        }
+    }
+
+    /// Requests queued or running.
+    pub fn depth(&self) -> usize {
+        match &self.runner {
+            Runner::Pipeline(b) => b.depth(),
+            Runner::Llm(w) => w.depth(),
+        }
+    }
 }
 
 /// The shared state of the server.
@@ -109,6 +159,11 @@ pub struct State {
     pools: Pools,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// Bytes of request bodies that may be held at once (`--max-inflight-body-mib`).
+    body_budget: Arc<tokio::sync::Semaphore>,
+    /// CPU-heavy request preparation (parsing large bodies, tokenising, templating) runs
+    /// on blocking threads, this many at a time (the engine thread count).
+    prep: Arc<tokio::sync::Semaphore>,
 }
 
 /// The engine threads: all of them (language models), and their split among instances.
@@ -326,13 +381,31 @@ fn open_served(
                         .map_err(err)?;
                 }
             }
-            Runner::Pipeline(PipelineWorker::start(
-                name.clone(),
-                pipelines,
-                limits.clone(),
-                metrics.clone(),
-            ))
+            // After a panic an instance is rebuilt from the pinned digest: opened and
+            // verified again, so a corrupted in-memory state never serves another request.
+            let (store, pools, pinned) = (store.clone(), pools.clone(), pinned.clone());
+            let rebuild: Rebuild = Arc::new(move |i: usize| {
+                let options = EngineOptions {
+                    pool: Some(pools.instances[i].clone()),
+                    ..Default::default()
+                };
+                Model::open(&store, &pinned, &options)?.pipeline(None)
+            });
+            Runner::Pipeline(
+                Batcher::start(
+                    &name,
+                    pipelines,
+                    limits.clone(),
+                    metrics.clone(),
+                    Some(rebuild),
+                )
+                .map_err(err)?,
+            )
         }
+    };
+    let counter = match model.task() {
+        Task::TextEmbedding => Some(Arc::new(model.pipeline(None).map_err(err)?)),
+        _ => None,
     };
     Ok(Served {
         name,
@@ -341,6 +414,7 @@ fn open_served(
         task: model.task(),
         model,
         runner,
+        counter,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -357,12 +431,11 @@ pub fn load(
         reference: String::new(),
         source: Box::new(e),
     };
-    let pools = Pools::new(
-        mote_engine::threads::resolve_threads(options.threads).map_err(engine_err)?,
-        options.instances,
-    )
-    .map_err(engine_err)?;
+    let (threads, source) =
+        mote_engine::threads::resolve_threads_with_source(options.threads).map_err(engine_err)?;
+    let pools = Pools::new(threads, options.instances).map_err(engine_err)?;
     let metrics = Arc::new(Metrics::default());
+    metrics.threads(threads, source);
     let mut models: Vec<Arc<Served>> = Vec::new();
     for r in references {
         let served = open_served(&store, &pools, r, &options.limits, &metrics)?;
@@ -372,6 +445,10 @@ pub fn load(
         metrics.model(&served.name, &served.digest);
         models.push(Arc::new(served));
     }
+    let budget = options
+        .requests
+        .max_inflight_body
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
     Ok(State {
         models: RwLock::new(models),
         metrics,
@@ -379,15 +456,25 @@ pub fn load(
         store,
         pools,
         reloading: Mutex::new(()),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(budget)),
+        prep: Arc::new(tokio::sync::Semaphore::new(threads.max(1))),
     })
 }
 
 /// Serve `state` until `shutdown` resolves; in-flight requests are finished first.
+///
+/// Connections are HTTP/1.1 with a header-read timeout (a client that sends no complete
+/// request head in time is disconnected, so idle or half-open connections cannot pile up)
+/// and a limit on open connections (one more is closed at once). Each request carries its
+/// peer address, for the loopback check of `/admin/*`.
 pub async fn serve(
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::Service;
+
     let addr = state.options.addr;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -396,9 +483,51 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
     on_listening(local);
+    let limits = state.options.connections.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let metrics = state.metrics.clone();
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ServeError::Listen { addr, source })
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment, keep serving.
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.connection_refused();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                app.clone().call(req)
+            });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -50,6 +50,10 @@ struct Inner {
     batches: BTreeMap<String, Histogram>,
     inference: BTreeMap<String, Histogram>,
     tokens: BTreeMap<String, u64>,
+    dropped: BTreeMap<String, u64>,
+    restarts: BTreeMap<String, u64>,
+    threads: Option<(usize, String)>,
+    connections_refused: u64,
     models: BTreeMap<String, String>,
 }
 
@@ -110,6 +114,27 @@ impl Metrics {
     }
 
     /// Tokens generated.
+    /// Items dropped before they were computed (client gone, deadline passed).
+    pub fn items_dropped(&self, model: &str, n: usize) {
+        self.with(|m| *m.dropped.entry(model.into()).or_default() += n as u64);
+    }
+
+    /// A worker panicked and was rebuilt.
+    pub fn worker_restart(&self, model: &str) {
+        self.with(|m| *m.restarts.entry(model.into()).or_default() += 1);
+    }
+
+    /// A connection was closed at once because the server had its limit open.
+    pub fn connection_refused(&self) {
+        self.with(|m| m.connections_refused += 1);
+    }
+
+    /// The engine thread count and where it came from.
+    pub fn threads(&self, n: usize, source: &str) {
+        self.with(|m| m.threads = Some((n, source.to_string())));
+    }
+
+    /// Tokens generated.
     pub fn tokens_generated(&self, model: &str, n: usize) {
         self.with(|m| *m.tokens.entry(model.into()).or_default() += n as u64);
     }
@@ -152,6 +177,22 @@ impl Metrics {
             out.push_str("# HELP mote_tokens_generated_total Tokens generated.\n# TYPE mote_tokens_generated_total counter\n");
             for (model, n) in &m.tokens {
                 let _ = writeln!(out, "mote_tokens_generated_total{{model=\"{}\"}} {n}", esc(model));
+            }
+        });
+        self.with(|m| {
+            out.push_str("# HELP mote_items_dropped_total Items dropped before they were computed (client gone or deadline passed).\n# TYPE mote_items_dropped_total counter\n");
+            for (model, n) in &m.dropped {
+                let _ = writeln!(out, "mote_items_dropped_total{{model=\"{}\"}} {n}", esc(model));
+            }
+            out.push_str("# HELP mote_worker_restarts_total Workers rebuilt after a panic.\n# TYPE mote_worker_restarts_total counter\n");
+            for (model, n) in &m.restarts {
+                let _ = writeln!(out, "mote_worker_restarts_total{{model=\"{}\"}} {n}", esc(model));
+            }
+            out.push_str("# HELP mote_connections_refused_total Connections closed at once because --max-connections were open.\n# TYPE mote_connections_refused_total counter\n");
+            let _ = writeln!(out, "mote_connections_refused_total {}", m.connections_refused);
+            if let Some((n, source)) = &m.threads {
+                out.push_str("# HELP mote_engine_threads Engine threads, and what chose the number.\n# TYPE mote_engine_threads gauge\n");
+                let _ = writeln!(out, "mote_engine_threads{{source=\"{}\"}} {n}", esc(source));
             }
         });
         out.push_str(

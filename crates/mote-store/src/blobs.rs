@@ -146,25 +146,11 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 
 /// fsync a directory so that a rename inside it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .at("cannot sync directory", dir)
+    mote_base::fs::sync_dir(dir).at("cannot sync directory", dir)
 }
 
-/// Write a small file atomically: temp file in the same directory, fsync, rename, fsync dir.
+/// Write a small file atomically (mote-base's writer: temp file in the same directory,
+/// fsync, rename, fsync of the directory), readable by all.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("store files have a parent");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .at("cannot create a temp file in", dir)?;
-    tmp.write_all(bytes).at("cannot write", tmp.path())?;
-    tmp.as_file().sync_all().at("cannot sync", tmp.path())?;
-    set_mode(tmp.path(), 0o644)?;
-    tmp.persist(path).map_err(|e| StoreError::Io {
-        action: "cannot replace",
-        path: path.to_path_buf(),
-        source: e.error,
-    })?;
-    sync_dir(dir)
+    mote_base::fs::write_atomic(path, bytes, Some(0o644)).at("cannot replace", path)
 }

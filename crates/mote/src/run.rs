@@ -72,31 +72,31 @@ fn read_jsonl(path: &Path) -> Result<Vec<JsonlItem>> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut items = Vec::new();
-    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line = std::str::from_utf8(line).map_err(|e| {
-            anyhow::anyhow!("{} line {} is not valid UTF-8 (byte {} of the line); fix the encoding of that line", path.display(), n + 1, e.valid_up_to())
+    for (n, line) in mote_base::jsonl::lines(&bytes) {
+        let (_, value) = line.map_err(|e| {
+            anyhow::anyhow!(
+                "{} line {n} is {}; fix that line",
+                path.display(),
+                if e.message.starts_with("not valid UTF-8") {
+                    e.message.clone()
+                } else {
+                    format!("not JSON ({})", e.message)
+                }
+            )
         })?;
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {} is not JSON", path.display(), n + 1))?;
         let item = match &value {
             serde_json::Value::String(s) => JsonlItem::Text(s.clone()),
             serde_json::Value::Object(o) => match (o.get("text"), o.get("image")) {
                 (Some(serde_json::Value::String(t)), None) => JsonlItem::Text(t.clone()),
                 (None, Some(serde_json::Value::String(p))) => JsonlItem::Image(base.join(p)),
                 _ => bail!(
-                    "{} line {}: expected a string, {{\"text\": \"...\"}} or {{\"image\": \"path\"}}",
+                    "{} line {n}: expected a string, {{\"text\": \"...\"}} or {{\"image\": \"path\"}}",
                     path.display(),
-                    n + 1
                 ),
             },
             _ => bail!(
-                "{} line {}: expected a string or an object",
+                "{} line {n}: expected a string or an object",
                 path.display(),
-                n + 1
             ),
         };
         items.push(item);

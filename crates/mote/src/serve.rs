@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use mote_serve::worker::BatchLimits;
-use mote_serve::{ServeOptions, State, load, serve};
+use mote_serve::{ConnectionLimits, RequestLimits, ServeOptions, State, load, serve};
 use mote_store::Store;
 use serde_json::json;
 use std::sync::Arc;
@@ -32,8 +32,10 @@ pub struct ServeArgs {
     /// Most items (texts, images) or sequences per engine step.
     #[arg(long, default_value_t = 32, value_name = "N")]
     max_batch_items: usize,
-    /// Most text per batch, in tokens (approximated as 4 bytes a token).
-    #[arg(long, default_value_t = 16384, value_name = "N")]
+    /// Most text per batch, in tokens (approximated as 4 bytes a token). A larger request
+    /// is computed in pieces of this size, taking turns with other requests, so this is
+    /// also the longest a small request waits behind a large one.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
     max_batch_tokens: usize,
     /// Wait up to this long for more requests when the queue runs dry (0 = never wait).
     #[arg(long, default_value_t = 0, value_name = "MS")]
@@ -41,12 +43,59 @@ pub struct ServeArgs {
     /// Requests queued per model before answering 429.
     #[arg(long, default_value_t = 256, value_name = "N")]
     max_queue: usize,
-    /// Require `Authorization: Bearer KEY` (health endpoints stay open).
+    /// Bytes of input queued per model (texts, images, tensors) before answering 429.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    max_queue_mib: usize,
+    /// Require `Authorization: Bearer KEY` (health endpoints stay open). Without a key
+    /// the server refuses other sites' browser requests (Origin) and foreign Host names,
+    /// and opens /admin/* to loopback clients only.
     #[arg(long, env = "MOTE_API_KEY", value_name = "KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Allow browser pages of this origin (e.g. `http://localhost:3000`) to call the
+    /// server (CORS). Repeatable; none by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// Accept this host name in `Host` while no API key is set (IP addresses and
+    /// localhost always are). Repeatable.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
     /// Largest request body, in MiB.
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
     max_body_mib: usize,
+    /// Request bodies held in memory at once, across all requests, in MiB (429 past it).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    max_inflight_body_mib: usize,
+    /// Time for a client to send a whole request body, in seconds.
+    #[arg(long, default_value_t = 30, value_name = "S")]
+    body_timeout_s: u64,
+    /// Time for a client to send a request's headers, in seconds (idle and half-open
+    /// connections are closed after it).
+    #[arg(long, default_value_t = 10, value_name = "S")]
+    header_timeout_s: u64,
+    /// Open connections; one more is closed at once.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_connections: usize,
+    /// Texts or images in one request.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_inputs: usize,
+    /// Tokens of one embedding request, after truncation.
+    #[arg(long, default_value_t = 65536, value_name = "N")]
+    max_request_tokens: usize,
+    /// Bytes of one prompt, or of one chat's messages, checked before tokenising.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    max_prompt_bytes: usize,
+    /// Tokens one generation may produce (a larger max_tokens is clamped to it).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    max_new_tokens: usize,
+    /// Stop strings in one request.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_stop: usize,
+    /// Bytes of one stop string.
+    #[arg(long, default_value_t = 256, value_name = "BYTES")]
+    max_stop_bytes: usize,
+    /// Elements of one KServe tensor input.
+    #[arg(long, default_value_t = 16 << 20, value_name = "N")]
+    max_tensor_elements: usize,
     /// Per-request time limit, in seconds.
     #[arg(long, default_value_t = 300, value_name = "S")]
     timeout_s: u64,
@@ -125,7 +174,11 @@ pub fn run(store: Store, a: ServeArgs) -> Result<ExitCode> {
     if a.max_queue == 0 || a.max_batch_items == 0 {
         bail!("--max-queue and --max-batch-items must be at least 1");
     }
-    let threads = mote_engine::threads::resolve_threads(a.threads)?;
+    if a.max_connections == 0 || a.max_inputs == 0 {
+        bail!("--max-connections and --max-inputs must be at least 1");
+    }
+    let (threads, source) = mote_engine::threads::resolve_threads_with_source(a.threads)?;
+    eprintln!("engine threads: {threads} (from {source})");
     if a.instances == 0 || a.instances > threads {
         bail!(
             "--instances must be between 1 and the engine thread count ({threads}); \
@@ -134,16 +187,34 @@ pub fn run(store: Store, a: ServeArgs) -> Result<ExitCode> {
     }
     let options = ServeOptions {
         addr: a.addr,
-        threads: Some(threads),
+        threads: a.threads,
         instances: a.instances,
         limits: BatchLimits {
             max_items: a.max_batch_items,
             max_text_bytes: a.max_batch_tokens.saturating_mul(4),
             max_wait: Duration::from_millis(a.max_wait_ms),
             max_queue: a.max_queue,
+            max_queue_bytes: a.max_queue_mib.saturating_mul(1 << 20),
+        },
+        requests: RequestLimits {
+            max_body: a.max_body_mib.saturating_mul(1 << 20),
+            max_inflight_body: a.max_inflight_body_mib.saturating_mul(1 << 20),
+            body_timeout: Duration::from_secs(a.body_timeout_s.max(1)),
+            max_inputs: a.max_inputs,
+            max_request_tokens: a.max_request_tokens,
+            max_prompt_bytes: a.max_prompt_bytes,
+            max_new_tokens: a.max_new_tokens,
+            max_stop: a.max_stop,
+            max_stop_bytes: a.max_stop_bytes,
+            max_tensor_elements: a.max_tensor_elements,
+        },
+        connections: ConnectionLimits {
+            max_connections: a.max_connections,
+            header_timeout: Duration::from_secs(a.header_timeout_s.max(1)),
         },
         api_key: a.api_key.clone(),
-        max_body: a.max_body_mib << 20,
+        cors_origins: a.cors_origins.clone(),
+        allowed_hosts: a.allowed_hosts.clone(),
         timeout: Duration::from_secs(a.timeout_s.max(1)),
     };
     let state = Arc::new(load(store, &a.references, options)?);

@@ -151,11 +151,21 @@ impl ImageClassification {
 
     /// Classify encoded images; results in input order.
     pub fn classify(&self, images: &[Vec<u8>]) -> Result<(Vec<Vec<Class>>, Timings)> {
+        self.classify_from(images, 0)
+    }
+
+    /// [`classify`](Self::classify) for images that are part of a larger request whose
+    /// first image here is number `first` (errors name the request's numbering).
+    pub fn classify_from(
+        &self,
+        images: &[Vec<u8>],
+        first: usize,
+    ) -> Result<(Vec<Vec<Class>>, Timings)> {
         let t0 = Instant::now();
         let pixels = images
             .iter()
             .enumerate()
-            .map(|(i, b)| self.preprocess(i, b))
+            .map(|(i, b)| self.preprocess(first + i, b))
             .collect::<Result<Vec<_>>>()?;
         let mut timings = Timings {
             preprocess: t0.elapsed(),

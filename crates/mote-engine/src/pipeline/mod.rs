@@ -70,14 +70,21 @@ pub enum Pipeline {
 impl Pipeline {
     /// Run on any input kind the pipeline accepts.
     pub fn run(&self, input: Input) -> Result<(Output, Timings)> {
+        self.run_from(input, 0)
+    }
+
+    /// [`run`](Self::run) on items that are part of a larger request whose first item here
+    /// is number `first`: errors name the request's numbering.
+    pub fn run_from(&self, input: Input, first: usize) -> Result<(Output, Timings)> {
         match (self, input) {
             (Pipeline::TextEmbedding(p), Input::Texts(t)) => {
                 let texts: Vec<&str> = t.iter().map(String::as_str).collect();
-                p.embed(&texts).map(|(e, t)| (Output::Embeddings(e), t))
+                p.embed_from(&texts, first)
+                    .map(|(e, t)| (Output::Embeddings(e), t))
             }
-            (Pipeline::ImageClassification(p), Input::Images(i)) => {
-                p.classify(&i).map(|(c, t)| (Output::Classes(c), t))
-            }
+            (Pipeline::ImageClassification(p), Input::Images(i)) => p
+                .classify_from(&i, first)
+                .map(|(c, t)| (Output::Classes(c), t)),
             (Pipeline::Tensor(p), Input::Tensors(t)) => {
                 p.run(t).map(|(o, t)| (Output::Tensors(o), t))
             }

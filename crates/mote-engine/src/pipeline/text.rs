@@ -153,11 +153,17 @@ impl TextEmbedding {
 
     /// Embed texts. Results are in input order.
     pub fn embed(&self, texts: &[&str]) -> Result<(Vec<Embedding>, Timings)> {
+        self.embed_from(texts, 0)
+    }
+
+    /// [`embed`](Self::embed) for texts that are part of a larger request whose first text
+    /// here is number `first` (errors name the request's numbering).
+    pub fn embed_from(&self, texts: &[&str], first: usize) -> Result<(Vec<Embedding>, Timings)> {
         let t0 = Instant::now();
         let encodings = texts
             .iter()
             .enumerate()
-            .map(|(i, t)| self.encode(i, t))
+            .map(|(i, t)| self.encode(first + i, t))
             .collect::<Result<Vec<_>>>()?;
         let lens: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
         let batches: Vec<Vec<usize>> = if self.backend.pads_exactly() {

@@ -95,9 +95,15 @@ impl Drop for Server {
 
 impl Server {
     pub fn start(store: &Path, args: &[&str]) -> Server {
+        Server::start_env(store, args, &[])
+    }
+
+    /// Start with extra environment variables.
+    pub fn start_env(store: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = mote(store)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .args(["--addr", "127.0.0.1:0"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -135,10 +141,19 @@ impl Server {
     }
 
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the server has had (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .unwrap_or_default()
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))
+            .find(|l| l.starts_with(key))
             .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
             .unwrap_or(0)
     }
