@@ -407,6 +407,9 @@ fn with_digest(mut r: Response, m: &Served) -> Response {
     r
 }
 
+/// Requests answered so far; each response names its number in `x-request-id`.
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn finish(
     st: &State,
     m: Option<&Served>,
@@ -415,19 +418,39 @@ fn finish(
     result: Result<Response, Failure>,
     openai: bool,
 ) -> Response {
-    let r = match result {
+    let mut error = None;
+    let mut r = match result {
         Ok(r) => r,
         Err(Failure(status, msg, code)) => {
-            if openai {
+            let r = if openai {
                 openai_error(status, &msg, code)
             } else {
                 v2_error(status, &msg)
-            }
+            };
+            error = Some(msg);
+            r
         }
     };
     let name = m.map_or("-", |m| m.name.as_str());
-    st.metrics
-        .request(name, endpoint, r.status().as_u16(), started.elapsed());
+    let took = started.elapsed();
+    let status = r.status().as_u16();
+    st.metrics.request(name, endpoint, status, took);
+    let id = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One structured line per request (stderr; `--log-format json` for collectors).
+    tracing::info!(
+        target: "mote::request",
+        request_id = id,
+        model = name,
+        digest = m.map_or("-", |m| m.digest.as_str()),
+        endpoint,
+        status,
+        duration_ms = took.as_secs_f64() * 1e3,
+        error = error.as_deref(),
+        "request"
+    );
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        r.headers_mut().insert("x-request-id", v);
+    }
     match m {
         Some(m) => with_digest(r, m),
         None => r,

@@ -12,6 +12,36 @@ use mote_store::Store;
 use serde_json::json;
 use std::sync::Arc;
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Structured logs on stderr through `tracing` (the request lines come from mote-serve).
+fn init_logs(format: LogFormat) -> Result<()> {
+    let level = match std::env::var("MOTE_LOG") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "MOTE_LOG={v:?} is not a level (error, warn, info, debug, trace, off)"
+                )
+            })?,
+        _ => tracing_subscriber::filter::LevelFilter::INFO,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_ansi(false);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot start the logs: {e}"))
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Models to serve: `name[:tag]` or `sha256:<hex>` (each pinned to its digest at start).
@@ -99,6 +129,11 @@ pub struct ServeArgs {
     /// Per-request time limit, in seconds.
     #[arg(long, default_value_t = 300, value_name = "S")]
     timeout_s: u64,
+    /// Request logs on stderr, one per request (id, model, digest, endpoint, status,
+    /// duration, error): `text`, or `json` for log collectors. `MOTE_LOG=warn` silences
+    /// them, `MOTE_LOG=debug` adds more.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
     /// Check the served tags every S seconds and swap in a model whose tag moved
     /// (SIGHUP and `POST /admin/reload` always do).
     #[arg(long, value_name = "S")]
@@ -171,6 +206,7 @@ async fn reloader(state: Arc<State>, watch: Option<Duration>) {
 }
 
 pub fn run(store: Store, a: ServeArgs) -> Result<ExitCode> {
+    init_logs(a.log_format)?;
     if a.max_queue == 0 || a.max_batch_items == 0 {
         bail!("--max-queue and --max-batch-items must be at least 1");
     }
