@@ -284,7 +284,9 @@ impl Audit<'_> {
                 if let Some(f) = s.min_achieved_fraction {
                     checks.push(Check::at_least(
                         "server.min_achieved_fraction",
-                        t.run.qps / t.offered_qps,
+                        // Against this run's own schedule, not the nominal rate: the
+                        // schedule's randomness is not the server's doing.
+                        t.run.qps / t.scheduled_qps,
                         f,
                         "",
                     ));

@@ -1,18 +1,16 @@
-//! What an audit drives: the model in this process ([`InProcess`], through the same
-//! pipelines `mote run` and `mote serve` use, with a batching worker like the server's), or
+//! What an audit drives: the model in this process ([`InProcess`], through the request
+//! layer `mote serve` runs on: the engine's batcher and generator), or
 //! a running `mote serve` over HTTP ([`Remote`], through the OpenAI and KServe v2 endpoints
 //! real clients use).
 
-use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mote_engine::backend::TensorSpec;
-use mote_engine::llm::{BatchDecoder, ChatMessage, GenerateOptions, SamplingOptions};
-use mote_engine::{DType, Input, Model, Output, Pipeline, Tensor, TensorData};
+use mote_engine::batcher::{BatchLimits, Batcher, NoObserver, Rejected};
+use mote_engine::generator::Generator;
+use mote_engine::llm::{ChatMessage, GenerateOptions, Llm, SamplingOptions};
+use mote_engine::{DType, EngineError, Input, Model, Output, Pipeline, Tensor, TensorData};
 use mote_store::{Digest, Task};
 use serde_json::{Value, json};
 
@@ -150,40 +148,39 @@ pub struct GenerationSettings {
     pub chat: bool,
 }
 
-struct Job {
-    query: Query,
-    reply: mpsc::Sender<std::result::Result<Answer, Failure>>,
-}
-
-#[derive(Default)]
-struct Queue {
-    jobs: VecDeque<Job>,
-    closed: bool,
-}
-
-/// The model in this process. Queries go to one worker thread which, like the server's
-/// scheduler, runs whatever is queued together (up to 32 items, or 16 prompts decoded in
-/// one batch), so concurrent callers see batching and queueing as a deployment would.
+/// The model in this process, behind the request layer `mote serve` uses: the engine's
+/// [`Batcher`] (pipelines) or [`Generator`] (language models) with the server's default
+/// limits, so concurrent callers see the batching, queueing and refusals a deployment
+/// would, and an audit measures the shipped scheduler.
 pub struct InProcess {
     task: Task,
-    queue: Arc<(Mutex<Queue>, Condvar)>,
-    worker: Option<JoinHandle<()>>,
+    runner: Runner,
     max_tokens: Option<usize>,
     tensor_inputs: Vec<TensorSpec>,
 }
 
-const MAX_BATCH_ITEMS: usize = 32;
-const MAX_BATCH_PROMPTS: usize = 16;
+enum Runner {
+    Pipeline(Batcher),
+    Llm {
+        llm: Arc<Llm>,
+        generator: Generator,
+        settings: GenerationSettings,
+        _model: Box<Model>,
+    },
+}
 
 impl InProcess {
-    /// Start a worker for `model`'s `task` pipeline (or its language model).
+    /// Start the request layer for `model`'s `task` pipeline (or its language model).
     pub fn new(
         model: Model,
         task: Option<Task>,
         generation: GenerationSettings,
     ) -> Result<InProcess> {
         let task = task.unwrap_or(model.task());
-        let (runner, max_tokens, tensor_inputs) = if let Some(llm) = model.llm() {
+        let limits = BatchLimits::default();
+        let name = model.digest().to_string();
+        let observer: Arc<dyn mote_engine::batcher::Observer> = Arc::new(NoObserver);
+        if let Some(llm) = model.llm().cloned() {
             if task != Task::TextGeneration {
                 return Err(AuditError::Setup(format!(
                     "{} is a language model; audit it as text-generation",
@@ -191,111 +188,38 @@ impl InProcess {
                 )));
             }
             let context = llm.model().config().context;
-            (
-                Runner::Llm(Box::new(model), generation),
-                Some(context),
-                Vec::new(),
-            )
-        } else {
-            let pipeline = model.pipeline(Some(task))?;
-            let max = model
-                .info()
-                .settings
-                .text
-                .as_ref()
-                .and_then(|t| t.max_length)
-                .map(|m| m as usize);
-            let specs = match &pipeline {
-                Pipeline::Tensor(p) => p.inputs().to_vec(),
-                _ => Vec::new(),
-            };
-            (Runner::Pipeline(pipeline), max, specs)
+            let generator = Generator::start(&name, llm.clone(), &limits, observer)?;
+            return Ok(InProcess {
+                task,
+                runner: Runner::Llm {
+                    llm,
+                    generator,
+                    settings: generation,
+                    _model: Box::new(model),
+                },
+                max_tokens: Some(context),
+                tensor_inputs: Vec::new(),
+            });
+        }
+        let pipeline = model.pipeline(Some(task))?;
+        let max_tokens = model
+            .info()
+            .settings
+            .text
+            .as_ref()
+            .and_then(|t| t.max_length)
+            .map(|m| m as usize);
+        let tensor_inputs = match &pipeline {
+            Pipeline::Tensor(p) => p.inputs().to_vec(),
+            _ => Vec::new(),
         };
-        let queue: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
-        let q = queue.clone();
-        let worker = std::thread::Builder::new()
-            .name("mote-audit-worker".into())
-            .spawn(move || worker_loop(&q, &runner))
-            .map_err(|e| AuditError::Setup(format!("cannot start the worker thread: {e}")))?;
+        let batcher = Batcher::start(&name, vec![pipeline], limits, observer, None)?;
         Ok(InProcess {
             task,
-            queue,
-            worker: Some(worker),
+            runner: Runner::Pipeline(batcher),
             max_tokens,
             tensor_inputs,
         })
-    }
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.queue
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .closed = true;
-        self.queue.1.notify_all();
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-    }
-}
-
-enum Runner {
-    Pipeline(Pipeline),
-    Llm(Box<Model>, GenerationSettings),
-}
-
-fn same_kind(a: &Query, b: &Query) -> bool {
-    matches!(
-        (a, b),
-        (Query::Texts(_), Query::Texts(_))
-            | (Query::Images(_), Query::Images(_))
-            | (Query::Prompt(_), Query::Prompt(_))
-    )
-}
-
-fn worker_loop(queue: &(Mutex<Queue>, Condvar), runner: &Runner) {
-    loop {
-        let batch: Vec<Job> = {
-            let mut q = queue.0.lock().unwrap_or_else(|e| e.into_inner());
-            while q.jobs.is_empty() && !q.closed {
-                q = queue.1.wait(q).unwrap_or_else(|e| e.into_inner());
-            }
-            let Some(first) = q.jobs.pop_front() else {
-                return;
-            };
-            let limit = match first.query {
-                Query::Prompt(_) => MAX_BATCH_PROMPTS,
-                Query::Texts(_) | Query::Images(_) => MAX_BATCH_ITEMS,
-                _ => 1,
-            };
-            let mut items = first.query.items();
-            let mut batch = vec![first];
-            while let Some(next) = q.jobs.front() {
-                if !same_kind(&batch[0].query, &next.query) || items + next.query.items() > limit {
-                    break;
-                }
-                items += next.query.items();
-                batch.push(q.jobs.pop_front().expect("front exists"));
-            }
-            batch
-        };
-        let queries: Vec<Query> = batch.iter().map(|j| j.query.clone()).collect();
-        let answers = match catch_unwind(AssertUnwindSafe(|| run_batch(runner, queries))) {
-            Ok(a) => a,
-            Err(panic) => {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                vec![Err(Failure::Crashed(format!("panic: {msg}"))); batch.len()]
-            }
-        };
-        for (job, answer) in batch.into_iter().zip(answers) {
-            let _ = job.reply.send(answer);
-        }
     }
 }
 
@@ -303,154 +227,100 @@ fn refused(e: impl std::fmt::Display) -> Failure {
     Failure::Refused(e.to_string())
 }
 
-/// Run queries of one kind together; one answer per query.
-fn run_batch(runner: &Runner, queries: Vec<Query>) -> Vec<std::result::Result<Answer, Failure>> {
-    let n = queries.len();
-    match runner {
-        Runner::Llm(model, settings) => {
-            let llm = model.llm().expect("language model");
-            let options = GenerateOptions {
-                max_tokens: settings.max_tokens,
-                sampling: SamplingOptions::greedy(),
-                ..Default::default()
-            };
-            let mut out: Vec<Option<std::result::Result<Answer, Failure>>> = vec![None; n];
-            let mut decoder = BatchDecoder::new(llm);
-            let mut ids = Vec::new();
-            for (i, q) in queries.into_iter().enumerate() {
-                let text = match q {
-                    Query::Prompt(p) => p,
-                    Query::RawPrompt(b) => match String::from_utf8(b) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            out[i] = Some(Err(refused(format!(
-                                "the prompt is not UTF-8 (invalid byte at offset {})",
-                                e.utf8_error().valid_up_to()
-                            ))));
-                            continue;
-                        }
-                    },
-                    _ => {
-                        out[i] = Some(Err(refused("a language model takes prompts")));
-                        continue;
-                    }
-                };
-                let tokens = if settings.chat && llm.chat_template().is_some() {
-                    llm.chat_tokens(&[ChatMessage::new("user", &text)], true)
-                } else {
-                    llm.tokenizer().encode_prompt(&text)
-                };
-                match tokens.and_then(|t| decoder.add(&t, options.clone())) {
-                    Ok(id) => ids.push((id, i)),
-                    Err(e) => out[i] = Some(Err(refused(e))),
-                }
-            }
-            while !decoder.is_idle() {
-                match decoder.step(&mut |_, _| true) {
-                    Ok(done) => {
-                        for (id, g) in done {
-                            if let Some((_, i)) = ids.iter().find(|(d, _)| *d == id) {
-                                out[*i] = Some(Ok(Answer::Text {
-                                    tokens: g.tokens.len(),
-                                    text: g.text,
-                                }));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        for (_, i) in &ids {
-                            out[*i].get_or_insert_with(|| Err(refused(&e)));
-                        }
-                        break;
-                    }
-                }
-            }
-            out.into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(Failure::Crashed("no answer".into()))))
-                .collect()
-        }
-        Runner::Pipeline(p) => {
-            if n > 1 {
-                // Merge same-kind queries into one pipeline call, then split the answer.
-                let sizes: Vec<usize> = queries.iter().map(Query::items).collect();
-                let merged = match &queries[0] {
-                    Query::Texts(_) => Query::Texts(
-                        queries
-                            .into_iter()
-                            .flat_map(|q| match q {
-                                Query::Texts(t) => t,
-                                _ => Vec::new(),
-                            })
-                            .collect(),
-                    ),
-                    _ => Query::Images(
-                        queries
-                            .into_iter()
-                            .flat_map(|q| match q {
-                                Query::Images(i) => i,
-                                _ => Vec::new(),
-                            })
-                            .collect(),
-                    ),
-                };
-                return match run_one(p, merged) {
-                    Ok(answer) => split(answer, &sizes),
-                    Err(e) => vec![Err(e); n],
-                };
-            }
-            queries.into_iter().map(|q| run_one(p, q)).collect()
-        }
+/// An engine error as the audit classifies it: a panic caught by the request layer is a
+/// crash, everything else a refusal.
+fn engine_failure(e: &EngineError) -> Failure {
+    let msg = e.to_string();
+    if msg.contains("panicked") {
+        Failure::Crashed(msg)
+    } else {
+        Failure::Refused(msg)
     }
 }
 
-fn split(answer: Answer, sizes: &[usize]) -> Vec<std::result::Result<Answer, Failure>> {
-    let mut out = Vec::with_capacity(sizes.len());
-    match answer {
-        Answer::Embeddings(mut e) => {
-            for &s in sizes {
-                let rest = e.split_off(s.min(e.len()));
-                out.push(Ok(Answer::Embeddings(std::mem::replace(&mut e, rest))));
-            }
-        }
-        Answer::Classes(mut c) => {
-            for &s in sizes {
-                let rest = c.split_off(s.min(c.len()));
-                out.push(Ok(Answer::Classes(std::mem::replace(&mut c, rest))));
-            }
-        }
-        other => out.extend(sizes.iter().map(|_| Ok(other.clone()))),
+fn rejected(r: Rejected) -> Failure {
+    match r {
+        Rejected::Busy(m) => Failure::Refused(format!("busy: {m}")),
+        Rejected::Gone => Failure::Crashed("the model's worker has stopped".into()),
     }
-    out
 }
 
-fn run_one(p: &Pipeline, q: Query) -> std::result::Result<Answer, Failure> {
-    let input = match q {
-        Query::Texts(t) => Input::Texts(t),
-        Query::RawText(b) => match String::from_utf8(b) {
-            Ok(s) => Input::Texts(vec![s]),
-            Err(e) => {
-                return Err(refused(format!(
-                    "the text is not UTF-8 (invalid byte at offset {})",
-                    e.utf8_error().valid_up_to()
-                )));
-            }
-        },
-        Query::Images(i) => Input::Images(i),
-        Query::Tensors(t) => Input::Tensors(t),
-        Query::Prompt(_) | Query::RawPrompt(_) => {
-            return Err(refused("only language models take prompts"));
-        }
-    };
-    let (output, _) = p.run(input).map_err(refused)?;
-    Ok(match output {
-        Output::Embeddings(e) => Answer::Embeddings(e.into_iter().map(|e| e.vector).collect()),
-        Output::Classes(c) => Answer::Classes(
-            c.into_iter()
-                .map(|cs| cs.into_iter().map(|c| (c.label, c.score)).collect())
-                .collect(),
-        ),
-        Output::Tensors(t) => Answer::Tensors(t),
+fn utf8(b: Vec<u8>, what: &str) -> std::result::Result<String, Failure> {
+    String::from_utf8(b).map_err(|e| {
+        refused(format!(
+            "the {what} is not UTF-8 (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
     })
+}
+
+impl InProcess {
+    fn run_pipeline(
+        &self,
+        batcher: &Batcher,
+        q: Query,
+        timeout: Duration,
+    ) -> std::result::Result<Answer, Failure> {
+        let input = match q {
+            Query::Texts(t) => Input::Texts(t),
+            Query::RawText(b) => Input::Texts(vec![utf8(b, "text")?]),
+            Query::Images(i) => Input::Images(i),
+            Query::Tensors(t) => Input::Tensors(t),
+            Query::Prompt(_) | Query::RawPrompt(_) => {
+                return Err(refused("only language models take prompts"));
+            }
+        };
+        let (output, _) = batcher
+            .run(input, timeout)
+            .map_err(rejected)?
+            .ok_or(Failure::TimedOut)?
+            .map_err(|e| engine_failure(&e))?;
+        Ok(match output {
+            Output::Embeddings(e) => Answer::Embeddings(e.into_iter().map(|e| e.vector).collect()),
+            Output::Classes(c) => Answer::Classes(
+                c.into_iter()
+                    .map(|cs| cs.into_iter().map(|c| (c.label, c.score)).collect())
+                    .collect(),
+            ),
+            Output::Tensors(t) => Answer::Tensors(t),
+        })
+    }
+
+    fn run_llm(
+        llm: &Llm,
+        generator: &Generator,
+        settings: GenerationSettings,
+        q: Query,
+        timeout: Duration,
+    ) -> std::result::Result<Answer, Failure> {
+        let text = match q {
+            Query::Prompt(p) => p,
+            Query::RawPrompt(b) => utf8(b, "prompt")?,
+            _ => return Err(refused("a language model takes prompts")),
+        };
+        let tokens = if settings.chat && llm.chat_template().is_some() {
+            llm.chat_tokens(&[ChatMessage::new("user", &text)], true)
+        } else {
+            llm.tokenizer().encode_prompt(&text)
+        }
+        .map_err(refused)?;
+        let options = GenerateOptions {
+            max_tokens: settings.max_tokens,
+            sampling: SamplingOptions::greedy(),
+            ..Default::default()
+        };
+        let g = generator
+            .generate(tokens, options, timeout)
+            .map_err(|e| match &e {
+                EngineError::Backend(m) if m.starts_with("no answer within") => Failure::TimedOut,
+                EngineError::Backend(m) if m.starts_with("busy") => Failure::Refused(m.clone()),
+                _ => engine_failure(&e),
+            })?;
+        Ok(Answer::Text {
+            tokens: g.tokens.len(),
+            text: g.text,
+        })
+    }
 }
 
 impl Target for InProcess {
@@ -459,18 +329,14 @@ impl Target for InProcess {
     }
 
     fn call(&self, query: Query, timeout: Duration) -> std::result::Result<Answer, Failure> {
-        let (tx, rx) = mpsc::channel();
-        {
-            let mut q = self.queue.0.lock().unwrap_or_else(|e| e.into_inner());
-            q.jobs.push_back(Job { query, reply: tx });
-        }
-        self.queue.1.notify_one();
-        match rx.recv_timeout(timeout) {
-            Ok(a) => a,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(Failure::TimedOut),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                Err(Failure::Crashed("the worker thread is gone".into()))
-            }
+        match &self.runner {
+            Runner::Pipeline(b) => self.run_pipeline(b, query, timeout),
+            Runner::Llm {
+                llm,
+                generator,
+                settings,
+                ..
+            } => Self::run_llm(llm, generator, *settings, query, timeout),
         }
     }
 

@@ -1,5 +1,5 @@
 //! The one request layer: a [`Batcher`] per served model, in front of its [`Pipeline`]
-//! instances. `mote serve` is HTTP over it; every other consumer that runs requests for a
+//! instances (language models: [`crate::generator::Generator`]). `mote serve` is HTTP over it; every other consumer that runs requests for a
 //! caller (the audit's in-process target, batch jobs) can use the same code path.
 //!
 //! What it guarantees:
@@ -52,7 +52,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits {
             max_items: 32,
-            max_text_bytes: 16384 * 4,
+            max_text_bytes: 2048 * 4,
             max_wait: Duration::ZERO,
             max_queue: 256,
             max_queue_bytes: 256 << 20,
@@ -80,15 +80,19 @@ pub trait Caller: Send {
     fn answer(self: Box<Self>, answer: Answer);
 }
 
-/// A [`Caller`] over a standard channel, for callers that block on the answer.
-pub struct ChannelCaller(pub std::sync::mpsc::Sender<Answer>);
+/// A [`Caller`] over a standard channel, gone once its flag is set (the caller stopped
+/// waiting).
+struct ChannelCaller {
+    tx: std::sync::mpsc::Sender<Answer>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Caller for ChannelCaller {
     fn gone(&self) -> bool {
-        false
+        self.cancelled.load(Ordering::Relaxed)
     }
     fn answer(self: Box<Self>, answer: Answer) {
-        let _ = self.0.send(answer);
+        let _ = self.tx.send(answer);
     }
 }
 
@@ -100,6 +104,8 @@ pub trait Observer: Send + Sync {
     fn dropped(&self, _model: &str, _items: usize) {}
     /// An instance panicked and is being rebuilt.
     fn restarted(&self, _model: &str) {}
+    /// A generation finished with this many tokens.
+    fn generated(&self, _model: &str, _tokens: usize) {}
 }
 
 /// An [`Observer`] that ignores everything.
@@ -354,17 +360,29 @@ impl Batcher {
         self.inner.restarts.load(Ordering::Relaxed)
     }
 
-    /// Run `input` through the batcher and wait for the answer (for callers without an
-    /// async runtime: audits, batch jobs, `mote run`).
-    pub fn run(&self, input: Input) -> Answer {
+    /// Run `input` through the batcher and wait for the answer, at most `timeout` (after
+    /// which the request is dropped), for callers without an async runtime (audits).
+    /// `Err(Rejected)` when it was not queued; `Ok(None)` when the time ran out.
+    pub fn run(
+        &self,
+        input: Input,
+        timeout: Duration,
+    ) -> std::result::Result<Option<Answer>, Rejected> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.submit(input, Box::new(ChannelCaller(tx)), Submit::default())
-            .map_err(|r| match r {
-                Rejected::Busy(m) => EngineError::Backend(format!("busy: {m}")),
-                Rejected::Gone => EngineError::Backend("the model's worker has stopped".into()),
-            })?;
-        rx.recv()
-            .map_err(|_| EngineError::Backend("the model's worker dropped the request".into()))?
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let caller = ChannelCaller {
+            tx,
+            cancelled: cancelled.clone(),
+        };
+        self.submit(input, Box::new(caller), Submit::default())?;
+        match rx.recv_timeout(timeout) {
+            Ok(a) => Ok(Some(a)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                cancelled.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Rejected::Gone),
+        }
     }
 }
 

@@ -362,12 +362,7 @@ fn open_served(
                 ..Default::default()
             };
             llm.generate(&ids, &warm, &mut |_| true).map_err(err)?;
-            Runner::Llm(LlmWorker::start(
-                name.clone(),
-                llm.clone(),
-                limits.clone(),
-                metrics.clone(),
-            ))
+            Runner::Llm(LlmWorker::start(&name, llm.clone(), limits, metrics.clone()).map_err(err)?)
         }
         None => {
             let mut pipelines = vec![model.pipeline(None).map_err(err)?];
