@@ -422,11 +422,27 @@ impl Policy {
         }
         let text = std::fs::read_to_string(path)
             .map_err(|e| bad(format!("cannot read it as UTF-8 text: {e}")))?;
-        let mut policy: Policy = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        policy.resolve_paths(base).map_err(bad)?;
-        policy.check().map_err(bad)?;
+        Policy::from_text(&text, path.parent().unwrap_or(Path::new("."))).map_err(bad)
+    }
+
+    fn from_text(text: &str, base: &Path) -> std::result::Result<Policy, String> {
+        let mut policy: Policy = toml::from_str(text).map_err(|e| e.to_string())?;
+        policy.resolve_paths(base)?;
+        policy.check()?;
         Ok(policy)
+    }
+
+    /// Parse and check policy text as [`Policy::load`] does, without reading a file (for
+    /// the fuzz target `untrusted_files`); paths stay relative to `.`.
+    #[doc(hidden)]
+    pub fn parse_untrusted(bytes: &[u8]) -> std::result::Result<Policy, String> {
+        if bytes.len() as u64 > MAX_POLICY_BYTES {
+            return Err(format!("a policy is at most {MAX_POLICY_BYTES} bytes"));
+        }
+        Policy::from_text(
+            std::str::from_utf8(bytes).map_err(|e| e.to_string())?,
+            Path::new("."),
+        )
     }
 
     fn resolve_paths(&mut self, base: &Path) -> std::result::Result<(), String> {

@@ -172,7 +172,11 @@ impl Tensor {
 
     /// Rows `start..start + n` along the first axis.
     pub fn rows(&self, start: usize, n: usize) -> Result<Tensor> {
-        let total = self.shape.first().copied().unwrap_or(0);
+        let Some(&total) = self.shape.first() else {
+            return Err(EngineError::input(
+                "a scalar tensor has no rows; give it at least one dimension",
+            ));
+        };
         if start + n > total {
             return Err(EngineError::input(format!(
                 "rows {start}..{} of a tensor with {total} rows",
@@ -202,9 +206,15 @@ impl Tensor {
             .next()
             .ok_or_else(|| EngineError::input("nothing to concatenate"))?;
         let mut shape = first.shape.clone();
+        if shape.is_empty() {
+            return Err(EngineError::input(
+                "scalar tensors cannot be stacked into rows; give them at least one dimension",
+            ));
+        }
         let mut data = first.data;
         for t in parts {
-            if t.shape.get(1..) != shape.get(1..) || t.dtype() != data.dtype() {
+            if t.shape.is_empty() || t.shape.get(1..) != shape.get(1..) || t.dtype() != data.dtype()
+            {
                 return Err(EngineError::Backend(format!(
                     "rows of shapes {:?} and {:?} cannot be stacked",
                     shape, t.shape
@@ -257,5 +267,23 @@ impl Tensor {
                 "input {name:?} holds {x} at flat index {i}; mote rejects NaN and infinite inputs because they poison every output they touch"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scalar_tensors_are_refused_where_rows_are_needed_not_a_panic() {
+        let scalar = Tensor::new(vec![], TensorData::F32(vec![1.0])).unwrap();
+        assert!(scalar.rows(0, 0).is_err());
+        assert!(scalar.rows(0, 1).is_err());
+        assert!(Tensor::concat_rows(vec![scalar.clone(), scalar.clone()]).is_err());
+        let row = Tensor::new(vec![1], TensorData::F32(vec![2.0])).unwrap();
+        assert!(Tensor::concat_rows(vec![row.clone(), scalar]).is_err());
+        let two = Tensor::concat_rows(vec![row.clone(), row]).unwrap();
+        assert_eq!(two.shape(), &[2]);
+        assert_eq!(two.rows(1, 1).unwrap().as_f32(), Some(&[2.0f32][..]));
     }
 }

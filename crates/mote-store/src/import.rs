@@ -248,7 +248,67 @@ fn text_settings(
     }
 }
 
+/// Where links inside an import source may point: the source directory itself and, for a
+/// Hugging Face cache snapshot (`…/models--org--name/snapshots/REV`), that repository's
+/// `blobs/` (the cache links every snapshot file there). A link anywhere else (an
+/// absolute link to a key file, `../..` out of the tree) is refused: importing would copy
+/// the file it points at into an artifact that may be pushed and shared.
+struct LinkRoots {
+    allowed: Vec<std::path::PathBuf>,
+    visited: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl LinkRoots {
+    fn new(root: &Path) -> Result<LinkRoots> {
+        let canon = fs::canonicalize(root).at("cannot resolve", root)?;
+        let mut allowed = vec![canon.clone()];
+        if let (Some(snapshots), Some(repo)) =
+            (canon.parent(), canon.parent().and_then(Path::parent))
+        {
+            let is_hf = snapshots.file_name().is_some_and(|n| n == "snapshots")
+                && repo
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("models--"));
+            if is_hf {
+                allowed.push(repo.join("blobs"));
+            }
+        }
+        Ok(LinkRoots {
+            allowed,
+            visited: std::collections::BTreeSet::from([canon]),
+        })
+    }
+
+    /// Check a link's target; `Ok(canonical target)`.
+    fn check(&self, link: &Path) -> Result<std::path::PathBuf> {
+        let target = fs::canonicalize(link).at("cannot resolve the link", link)?;
+        if self.allowed.iter().any(|a| target.starts_with(a)) {
+            Ok(target)
+        } else {
+            Err(import_err(
+                link,
+                format!(
+                    "it is a link to {}, outside the model directory; copy the file in instead \
+                     of linking to it",
+                    target.display()
+                ),
+            ))
+        }
+    }
+}
+
 fn walk(root: &Path, dir: &Path, out: &mut Vec<PlannedFile>) -> Result<()> {
+    let mut links = LinkRoots::new(root)?;
+    walk_in(root, dir, out, &mut links)
+}
+
+fn walk_in(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<PlannedFile>,
+    links: &mut LinkRoots,
+) -> Result<()> {
     let mut entries: Vec<_> = fs::read_dir(dir)
         .at("cannot list", dir)?
         .collect::<std::io::Result<_>>()
@@ -266,10 +326,27 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PlannedFile>) -> Result<()> {
             continue;
         }
         let path = entry.path();
-        // Follow symlinks (Hugging Face caches link into a blob store).
+        // Follow symlinks (Hugging Face caches link into a blob store), but only to places
+        // inside the source (see `LinkRoots`), and never into a directory already walked.
+        let is_link = fs::symlink_metadata(&path)
+            .at("cannot read", &path)?
+            .file_type()
+            .is_symlink();
         let meta = fs::metadata(&path).at("cannot read", &path)?;
+        if is_link {
+            let target = links.check(&path)?;
+            if meta.is_dir() && !links.visited.insert(target) {
+                return Err(import_err(
+                    &path,
+                    "it links to a directory already part of the import (a cycle); remove the link",
+                ));
+            }
+        } else if meta.is_dir() {
+            let canon = fs::canonicalize(&path).at("cannot resolve", &path)?;
+            links.visited.insert(canon);
+        }
         if meta.is_dir() {
-            walk(root, &path, out)?;
+            walk_in(root, &path, out, links)?;
         } else if meta.is_file() {
             if out.len() >= MAX_FILES {
                 return Err(import_err(

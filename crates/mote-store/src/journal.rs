@@ -209,12 +209,22 @@ impl Journal {
     }
 }
 
+/// Parse one journal line as `journal verify` does (for the fuzz target `store_files`):
+/// `Ok` only for a line whose content hashes to its claimed digest.
+#[doc(hidden)]
+pub fn parse_untrusted_journal_line(line: &str) -> Result<(), String> {
+    parse_line(line).map(|_| ())
+}
+
 fn parse_line(line: &str) -> Result<Entry, String> {
     if line.len() < HASH_SUFFIX_LEN + 2 || !line.ends_with("\"}") {
         return Err("it does not end with its hash member".into());
     }
     let split = line.len() - HASH_SUFFIX_LEN;
-    let (body, suffix) = line.split_at(split);
+    // A tampered line can put a multi-byte character across the split: not a hash member.
+    let Some((body, suffix)) = line.split_at_checked(split) else {
+        return Err("it does not end with its hash member".into());
+    };
     let Some(hash) = suffix
         .strip_prefix(",\"hash\":\"")
         .and_then(|s| s.strip_suffix("\"}"))
@@ -275,6 +285,31 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_with_a_multibyte_character_across_the_hash_split_is_refused_not_a_panic() {
+        // The hash member is 84 bytes; put a 4-byte character across that boundary.
+        let tail = format!("\u{1F600}{}\"}}", "x".repeat(HASH_SUFFIX_LEN - 4));
+        let line = format!("{{\"seq\":1,\"a\":\"{tail}");
+        assert!(!line.is_char_boundary(line.len() - HASH_SUFFIX_LEN));
+        assert_eq!(
+            parse_line(&line).unwrap_err(),
+            "it does not end with its hash member"
+        );
+        for cut in 0..line.len() {
+            if let Some(prefix) = line.get(..cut) {
+                let _ = parse_line(prefix);
+            }
+        }
+    }
+
+    /// Every journal line parser on untrusted text (for the fuzz target).
+    #[test]
+    fn parse_untrusted_never_panics_on_odd_lines() {
+        for l in ["", "}", "\"}", "{\"hash\":\"\"}", &"é".repeat(60)] {
+            let _ = parse_untrusted_journal_line(l);
+        }
+    }
 
     fn sample(dir: &Path, n: usize) -> Journal {
         let j = Journal::new(dir.join("journal.jsonl"));

@@ -1330,13 +1330,26 @@ impl Store {
             let mut live: BTreeSet<Digest> = BTreeSet::new();
             for d in digests(&index) {
                 live.insert(d);
-                // A manifest we cannot read keeps nothing else alive but itself; verify reports it.
-                if let Ok(Ok(bytes)) = self.blobs.read_verified(&d)
-                    && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
-                {
-                    live.insert(m.config.digest);
-                    live.extend(m.layers.iter().map(|l| l.digest));
-                }
+                // A manifest that cannot be read would keep none of its blobs alive: gc
+                // refuses rather than delete the layers of a model it cannot see into.
+                let refuse = |why: String| StoreError::Damaged {
+                    path: self.blobs.path(&d),
+                    reason: format!(
+                        "the manifest of {d} {why}, so gc cannot tell which blobs it needs and \
+                         deletes nothing; run `mote verify --all`, then restore the model or \
+                         remove it with `mote rm {d}`"
+                    ),
+                };
+                let bytes = match self.blobs.read_verified(&d) {
+                    Ok(Ok(bytes)) => bytes,
+                    Ok(Err(None)) => return Err(refuse("is missing".into())),
+                    Ok(Err(Some(actual))) => return Err(refuse(format!("hashes to {actual}"))),
+                    Err(e) => return Err(refuse(format!("cannot be read ({e})"))),
+                };
+                let m = serde_json::from_slice::<Manifest>(&bytes)
+                    .map_err(|e| refuse(format!("is not a valid manifest ({e})")))?;
+                live.insert(m.config.digest);
+                live.extend(m.layers.iter().map(|l| l.digest));
             }
             let dir = self.blobs.dir();
             for entry in fs::read_dir(dir).at("cannot list", dir)? {

@@ -221,6 +221,36 @@ fn gc_keeps_everything_reachable_and_frees_removed_models() {
 }
 
 #[test]
+fn gc_refuses_to_run_when_a_manifest_cannot_be_read_and_deletes_nothing() {
+    let (dir, s) = store();
+    let m = s
+        .import(
+            &gguf(dir.path(), "a.gguf", 1),
+            Some(&tag("a")),
+            &Default::default(),
+        )
+        .unwrap();
+    let hex = m.digest.to_string()["sha256:".len()..].to_string();
+    let manifest = s.root().join("blobs/sha256").join(&hex);
+    let before = walk(&s.root().join("blobs"));
+    make_writable(&manifest);
+    fs::write(&manifest, b"{ not a manifest").unwrap();
+    let err = s.gc().unwrap_err().to_string();
+    assert!(err.contains(&m.digest.to_string()), "{err}");
+    assert!(err.contains("deletes nothing"), "{err}");
+    let after = walk(&s.root().join("blobs"));
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "gc deleted blobs of a model it could not read"
+    );
+    fs::remove_file(&manifest).unwrap();
+    let err = s.gc().unwrap_err().to_string();
+    assert!(err.contains("is missing"), "{err}");
+    assert_eq!(walk(&s.root().join("blobs")).len() + 1, before.len());
+}
+
+#[test]
 fn a_flipped_byte_fails_verification_naming_file_and_digests_and_changes_nothing() {
     let (dir, s) = store();
     let out = s
@@ -361,6 +391,64 @@ fn concurrent_imports_and_tag_moves_keep_the_store_consistent() {
         o.result.unwrap();
     }
     assert_eq!(s.list().unwrap().len(), 6);
+}
+
+#[cfg(unix)]
+#[test]
+fn import_follows_links_only_inside_the_source_and_never_in_cycles() {
+    use std::os::unix::fs::symlink;
+    let (dir, s) = store();
+    let weights = fs::read(gguf(dir.path(), "w.gguf", 3)).unwrap();
+    let make = |name: &str| {
+        let d = dir.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("config.json"), "{}").unwrap();
+        fs::write(d.join("model.gguf"), &weights).unwrap();
+        d
+    };
+    // A link to a secret outside the directory: refused, naming the link and its target.
+    let secret = dir.path().join("secret.key");
+    fs::write(&secret, b"do not copy me").unwrap();
+    let out = make("out");
+    symlink(&secret, out.join("notes.txt")).unwrap();
+    let e = s
+        .import(&out, None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("notes.txt") && e.contains("outside the model directory"),
+        "{e}"
+    );
+    // A directory link back up the tree: a cycle, refused.
+    let cyc = make("cyc");
+    symlink(&cyc, cyc.join("again")).unwrap();
+    let e = s
+        .import(&cyc, None, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cycle"), "{e}");
+    // A link within the tree is followed: the import gets past the walk (and stops later
+    // only because these test directories hold no safetensors weights).
+    let walked = |d: &Path| {
+        let e = s
+            .import(d, None, &Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no weights"), "{e}");
+    };
+    let inside = make("inside");
+    symlink(inside.join("config.json"), inside.join("alias.json")).unwrap();
+    walked(&inside);
+    // A Hugging Face cache snapshot links into its repository's blobs/: followed.
+    let repo = dir.path().join("hub/models--org--m");
+    let snap = repo.join("snapshots/abc");
+    fs::create_dir_all(&snap).unwrap();
+    fs::create_dir_all(repo.join("blobs")).unwrap();
+    fs::write(repo.join("blobs/1"), "{}").unwrap();
+    fs::write(repo.join("blobs/2"), &weights).unwrap();
+    symlink(repo.join("blobs/1"), snap.join("config.json")).unwrap();
+    symlink(repo.join("blobs/2"), snap.join("model.gguf")).unwrap();
+    walked(&snap);
 }
 
 #[test]

@@ -475,9 +475,11 @@ impl Bert {
             .header
             .tensors
             .get(&format!("{}embeddings.word_embeddings.weight", w.prefix))
-            .map(|t| t.shape[0] as usize)
+            .and_then(|t| t.shape.first().map(|&d| d as usize))
             .ok_or_else(|| {
-                EngineError::Model("the weights have no embeddings.word_embeddings.weight".into())
+                EngineError::Model(
+                    "the weights have no embeddings.word_embeddings.weight matrix".into(),
+                )
             })?;
         let ffn = config.intermediate_size;
         let layers = (0..config.num_hidden_layers)

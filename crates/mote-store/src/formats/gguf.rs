@@ -319,16 +319,16 @@ impl Gguf {
             len: file_len,
         };
         let mut magic = [0u8; 4];
-        r.exact(&mut magic, "the magic number")?;
+        r.exact(&mut magic, &|| "the magic number".to_string())?;
         if magic != MAGIC {
             return Err(GgufError::BadMagic(magic));
         }
-        let version = r.u32("the version")?;
+        let version = r.u32(&|| "the version".to_string())?;
         if !(2..=3).contains(&version) {
             return Err(GgufError::Version(version));
         }
-        let n_tensors = r.u64("the tensor count")?;
-        let n_kv = r.u64("the metadata count")?;
+        let n_tensors = r.u64(&|| "the tensor count".to_string())?;
+        let n_kv = r.u64(&|| "the metadata count".to_string())?;
         // Each tensor info takes at least 8+4+8+4+8 bytes, each kv at least 8+4+1.
         for (what, n, min) in [("tensors", n_tensors, 32), ("metadata entries", n_kv, 13)] {
             if n > MAX_ENTRIES {
@@ -345,12 +345,13 @@ impl Gguf {
         }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
-            let key = r.string(&format!("the key of metadata entry {i}"))?;
-            let ty = r.u32(&format!("the type of metadata {key:?}"))?;
+            let key = r.string(&|| format!("the key of metadata entry {i}"))?;
+            let key_s = short(&key);
+            let ty = r.u32(&|| format!("the type of metadata {key_s}"))?;
             let value = r.value(ty, &key, 0)?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(GgufError::Invalid(format!(
-                    "metadata key {key:?} appears twice"
+                    "metadata key {key_s} appears twice"
                 )));
             }
         }
@@ -368,50 +369,51 @@ impl Gguf {
         let mut tensors = Vec::with_capacity(n_tensors.min(4096) as usize);
         let mut names = std::collections::HashSet::new();
         for i in 0..n_tensors {
-            let name = r.string(&format!("the name of tensor {i}"))?;
-            let n_dims = r.u32(&format!("the rank of tensor {name:?}"))?;
+            let name = r.string(&|| format!("the name of tensor {i}"))?;
+            let name_s = short(&name);
+            let n_dims = r.u32(&|| format!("the rank of tensor {name_s}"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(GgufError::Limit(format!(
-                    "tensor {name:?} has {n_dims} dimensions (1 to {MAX_DIMS} are allowed)"
+                    "tensor {name_s} has {n_dims} dimensions (1 to {MAX_DIMS} are allowed)"
                 )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             let mut elements: u64 = 1;
             for _ in 0..n_dims {
-                let d = r.u64(&format!("the shape of tensor {name:?}"))?;
+                let d = r.u64(&|| format!("the shape of tensor {name_s}"))?;
                 elements = elements
                     .checked_mul(d)
                     .filter(|&e| e > 0 && e <= 1 << 42)
                     .ok_or_else(|| {
                         GgufError::Limit(format!(
-                            "tensor {name:?} has an absurd or zero dimension {d}"
+                            "tensor {name_s} has an absurd or zero dimension {d}"
                         ))
                     })?;
                 dims.push(d);
             }
-            let type_id = r.u32(&format!("the type of tensor {name:?}"))?;
+            let type_id = r.u32(&|| format!("the type of tensor {name_s}"))?;
             let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
                 GgufError::Invalid(format!(
-                    "tensor {name:?} has unknown ggml type {type_id}; this file needs a newer reader"
+                    "tensor {name_s} has unknown ggml type {type_id}; this file needs a newer reader"
                 ))
             })?;
             let (block_elems, block_bytes) = ggml_type.block();
             if dims[0] % block_elems != 0 {
                 return Err(GgufError::Invalid(format!(
-                    "tensor {name:?}: its first dimension {} is not a multiple of the {} block size {block_elems}",
+                    "tensor {name_s}: its first dimension {} is not a multiple of the {} block size {block_elems}",
                     dims[0],
                     ggml_type.name()
                 )));
             }
             let size = elements / block_elems * block_bytes;
-            let offset = r.u64(&format!("the offset of tensor {name:?}"))?;
+            let offset = r.u64(&|| format!("the offset of tensor {name_s}"))?;
             if offset % alignment != 0 {
                 return Err(GgufError::Invalid(format!(
-                    "tensor {name:?} starts at offset {offset}, not a multiple of the alignment {alignment}"
+                    "tensor {name_s} starts at offset {offset}, not a multiple of the alignment {alignment}"
                 )));
             }
             if !names.insert(name.clone()) {
-                return Err(GgufError::Invalid(format!("tensor {name:?} appears twice")));
+                return Err(GgufError::Invalid(format!("tensor {name_s} appears twice")));
             }
             tensors.push(TensorInfo {
                 name,
@@ -490,87 +492,87 @@ impl<R: Read> Cursor<R> {
         self.len.saturating_sub(self.pos)
     }
 
-    fn exact(&mut self, buf: &mut [u8], what: &str) -> Result<(), GgufError> {
+    fn exact(&mut self, buf: &mut [u8], what: What<'_>) -> Result<(), GgufError> {
         match self.inner.read_exact(buf) {
             Ok(()) => {
                 self.pos += buf.len() as u64;
                 Ok(())
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(GgufError::Truncated(what.to_string()))
-            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(GgufError::Truncated(what())),
             Err(e) => Err(e.into()),
         }
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+    fn u32(&mut self, what: What<'_>) -> Result<u32, GgufError> {
         let mut b = [0u8; 4];
         self.exact(&mut b, what)?;
         Ok(u32::from_le_bytes(b))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+    fn u64(&mut self, what: What<'_>) -> Result<u64, GgufError> {
         let mut b = [0u8; 8];
         self.exact(&mut b, what)?;
         Ok(u64::from_le_bytes(b))
     }
 
-    fn bytes(&mut self, n: u64, what: &str) -> Result<Vec<u8>, GgufError> {
+    fn bytes(&mut self, n: u64, what: What<'_>) -> Result<Vec<u8>, GgufError> {
         if n > MAX_STRING {
             return Err(GgufError::Limit(format!(
-                "{what} claims {n} bytes (limit {MAX_STRING})"
+                "{} claims {n} bytes (limit {MAX_STRING})",
+                what()
             )));
         }
         if n > self.remaining() {
-            return Err(GgufError::Truncated(what.to_string()));
+            return Err(GgufError::Truncated(what()));
         }
         let mut buf = vec![0u8; n as usize];
         self.exact(&mut buf, what)?;
         Ok(buf)
     }
 
-    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+    fn string(&mut self, what: What<'_>) -> Result<String, GgufError> {
         let n = self.u64(what)?;
         let bytes = self.bytes(n, what)?;
         String::from_utf8(bytes)
-            .map_err(|_| GgufError::Invalid(format!("{what} is not valid UTF-8")))
+            .map_err(|_| GgufError::Invalid(format!("{} is not valid UTF-8", what())))
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<Value, GgufError> {
-        let what = || format!("the value of metadata {key:?}");
+        let key_s = short(key);
+        let what = || format!("the value of metadata {key_s}");
         Ok(match ty {
-            0 => Value::U8(self.fixed::<1>(&what())?[0]),
-            1 => Value::I8(self.fixed::<1>(&what())?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.fixed(&what())?)),
-            3 => Value::I16(i16::from_le_bytes(self.fixed(&what())?)),
-            4 => Value::U32(u32::from_le_bytes(self.fixed(&what())?)),
-            5 => Value::I32(i32::from_le_bytes(self.fixed(&what())?)),
-            6 => Value::F32(f32::from_le_bytes(self.fixed(&what())?)),
-            7 => match self.fixed::<1>(&what())?[0] {
+            0 => Value::U8(self.fixed::<1>(&what)?[0]),
+            1 => Value::I8(self.fixed::<1>(&what)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.fixed(&what)?)),
+            3 => Value::I16(i16::from_le_bytes(self.fixed(&what)?)),
+            4 => Value::U32(u32::from_le_bytes(self.fixed(&what)?)),
+            5 => Value::I32(i32::from_le_bytes(self.fixed(&what)?)),
+            6 => Value::F32(f32::from_le_bytes(self.fixed(&what)?)),
+            7 => match self.fixed::<1>(&what)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
                 b => {
                     return Err(GgufError::Invalid(format!(
-                        "metadata {key:?} is a bool with value {b}"
+                        "metadata {key_s} is a bool with value {b}"
                     )));
                 }
             },
             8 => {
-                let n = self.u64(&what())?;
-                let bytes = self.bytes(n, &what())?;
+                let n = self.u64(&what)?;
+                let bytes = self.bytes(n, &what)?;
                 Value::String(String::from_utf8_lossy(&bytes).into_owned())
             }
             9 => {
                 if depth >= MAX_DEPTH {
                     return Err(GgufError::Limit(format!(
-                        "metadata {key:?} nests arrays deeper than {MAX_DEPTH}"
+                        "metadata {key_s} nests arrays deeper than {MAX_DEPTH}"
                     )));
                 }
-                let elem_ty = self.u32(&what())?;
-                let n = self.u64(&what())?;
+                let elem_ty = self.u32(&what)?;
+                let n = self.u64(&what)?;
                 if n > MAX_ARRAY || n > self.remaining() {
                     return Err(GgufError::Limit(format!(
-                        "metadata {key:?} claims an array of {n} elements (limit {MAX_ARRAY}, or more than the file holds)"
+                        "metadata {key_s} claims an array of {n} elements (limit {MAX_ARRAY}, or more than the file holds)"
                     )));
                 }
                 let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
@@ -579,27 +581,65 @@ impl<R: Read> Cursor<R> {
                 }
                 Value::Array(items)
             }
-            10 => Value::U64(u64::from_le_bytes(self.fixed(&what())?)),
-            11 => Value::I64(i64::from_le_bytes(self.fixed(&what())?)),
-            12 => Value::F64(f64::from_le_bytes(self.fixed(&what())?)),
+            10 => Value::U64(u64::from_le_bytes(self.fixed(&what)?)),
+            11 => Value::I64(i64::from_le_bytes(self.fixed(&what)?)),
+            12 => Value::F64(f64::from_le_bytes(self.fixed(&what)?)),
             other => {
                 return Err(GgufError::Invalid(format!(
-                    "metadata {key:?} has unknown value type {other}"
+                    "metadata {key_s} has unknown value type {other}"
                 )));
             }
         })
     }
 
-    fn fixed<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
+    fn fixed<const N: usize>(&mut self, what: What<'_>) -> Result<[u8; N], GgufError> {
         let mut b = [0u8; N];
         self.exact(&mut b, what)?;
         Ok(b)
     }
 }
 
+/// What a read is for, formatted only if it fails (a 1 MiB key read a million times must
+/// not be formatted a million times).
+type What<'a> = &'a dyn Fn() -> String;
+
+/// A key or name as error messages quote it: at most 80 characters.
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(80).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    format!("{out:?}")
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_key_over_a_million_element_array_is_read_without_formatting_it_each_time() {
+        // 2 MiB: a 1 MiB key whose value is an array of a million u8. Reading it once used
+        // to format the key for every element (a terabyte of text); now it is linear.
+        let mut f = Vec::new();
+        f.extend(b"GGUF");
+        f.extend(3u32.to_le_bytes());
+        f.extend(0u64.to_le_bytes()); // tensors
+        f.extend(1u64.to_le_bytes()); // metadata
+        let key = "k".repeat(1 << 20);
+        f.extend((key.len() as u64).to_le_bytes());
+        f.extend(key.as_bytes());
+        f.extend(9u32.to_le_bytes()); // array
+        f.extend(0u32.to_le_bytes()); // of u8
+        f.extend(1_000_000u64.to_le_bytes());
+        f.extend(std::iter::repeat_n(7u8, 1_000_000));
+        let g = Gguf::read(&f[..], f.len() as u64).unwrap();
+        assert_eq!(g.metadata.len(), 1);
+        // Cut off inside the array: the error quotes the key shortened.
+        let e = Gguf::read(&f[..f.len() - 10], (f.len() - 10) as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 400, "{} bytes of error", e.len());
+    }
 
     /// Build a small, valid GGUF file in memory.
     pub(crate) fn tiny_gguf() -> Vec<u8> {
