@@ -43,21 +43,7 @@ impl Conn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> (u16, String) {
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        if !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            head.push_str("Content-Type: application/json\r\n");
-        }
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
+        let head = request_head(method, path, &self.addr, body.len(), headers, false);
         let s = self.reader.get_mut();
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(body).unwrap();
@@ -92,15 +78,19 @@ impl Conn {
     }
 }
 
-/// One request on a fresh connection that is closed after it (the client may be cut off
-/// while it still writes: the server answers early and closes).
-fn once(addr: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+/// A request head (JSON unless `headers` name another Content-Type).
+fn request_head(
+    method: &str,
+    path: &str,
+    addr: &str,
+    len: usize,
+    headers: &[(&str, &str)],
+    close: bool,
+) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len}\r\n");
+    if close {
+        head.push_str("Connection: close\r\n");
+    }
     if !headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
@@ -111,6 +101,15 @@ fn once(addr: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
+    head
+}
+
+/// One request on a fresh connection that is closed after it (the client may be cut off
+/// while it still writes: the server answers early and closes).
+fn once(addr: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> (u16, String) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let head = request_head("POST", path, addr, body.len(), headers, true);
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let _ = w.write_all(head.as_bytes());
