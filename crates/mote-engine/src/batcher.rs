@@ -16,9 +16,12 @@
 //! - **Per-item fallback**: when a merged batch fails on one item's input, every item is
 //!   run on its own, so a bad item fails only its own request (errors keep the request's
 //!   own numbering).
-//! - **Faults**: a panic inside an instance is caught; its requests are answered with an
-//!   error naming the model, the instance is rebuilt from the verified model (the
-//!   `rebuild` function given at start), and [`Batcher::ready`] is false until it is back.
+//! - **Faults**: a panic inside an instance is caught and the instance is rebuilt from the
+//!   verified model (the `rebuild` function given at start); [`Batcher::ready`] is false
+//!   until it is back. Only the request that caused the panic fails: when the panicking
+//!   batch merged several requests, each goes back to the front of the queue to run
+//!   alone (on another instance, or on this one once rebuilt), so the culprit panics again
+//!   on its own and the others are answered as if nothing happened.
 //!
 //! Bits do not depend on how requests are merged or split: every pipeline computes each
 //! row on its own (see the engine's invariants).
@@ -29,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, panic_message};
 use crate::pipeline::{Input, Output, Pipeline, Timings};
 use crate::tensor::Tensor;
 
@@ -61,11 +64,13 @@ impl Default for BatchLimits {
 }
 
 /// Why a request was not queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
     /// The queue is full (the message names the limit): retry later.
+    #[error("busy: {0}")]
     Busy(String),
     /// The batcher has stopped.
+    #[error("the model has stopped")]
     Gone,
 }
 
@@ -199,6 +204,34 @@ struct Job {
     next: usize,
     progress: Shared<Progress>,
     deadline: Option<Instant>,
+    /// Emptying this job ends its request (false for a piece put back after a panic while
+    /// the rest of its request is queued behind it).
+    ends_request: bool,
+    /// Run in a batch of its own: it shared a batch that panicked, so it is a suspect.
+    alone: bool,
+}
+
+impl Job {
+    /// A slice of a batch that panicked, put back (`alone`: to run in a batch of its own).
+    fn requeued(s: &Slice, items: VecDeque<Item>, alone: bool) -> Job {
+        Job {
+            items,
+            next: s.start,
+            progress: s.progress.clone(),
+            deadline: s.deadline,
+            ends_request: s.last,
+            alone,
+        }
+    }
+}
+
+/// Single items back from an input (tensor inputs are one item).
+fn items_of(input: Input) -> VecDeque<Item> {
+    match input {
+        Input::Texts(t) => t.into_iter().map(Item::Text).collect(),
+        Input::Images(i) => i.into_iter().map(Item::Image).collect(),
+        Input::Tensors(t) => VecDeque::from([Item::Tensors(t)]),
+    }
 }
 
 #[derive(Default)]
@@ -293,11 +326,7 @@ impl Batcher {
         caller: Box<dyn Caller>,
         options: Submit,
     ) -> std::result::Result<(), Rejected> {
-        let items: VecDeque<Item> = match input {
-            Input::Texts(t) => t.into_iter().map(Item::Text).collect(),
-            Input::Images(i) => i.into_iter().map(Item::Image).collect(),
-            Input::Tensors(t) => VecDeque::from([Item::Tensors(t)]),
-        };
+        let items = items_of(input);
         let bytes: usize = items.iter().map(Item::bytes).sum();
         let total = items.len();
         let progress = Arc::new(Mutex::new(Progress {
@@ -338,6 +367,8 @@ impl Batcher {
                 next: 0,
                 progress,
                 deadline: options.deadline,
+                ends_request: true,
+                alone: false,
             });
         }
         self.inner.depth.fetch_add(1, Ordering::Relaxed);
@@ -361,28 +392,64 @@ impl Batcher {
     }
 
     /// Run `input` through the batcher and wait for the answer, at most `timeout` (after
-    /// which the request is dropped), for callers without an async runtime (audits).
-    /// `Err(Rejected)` when it was not queued; `Ok(None)` when the time ran out.
+    /// which the request is dropped), for callers without an async runtime (audits, `mote
+    /// run`). `Err(Rejected)` when it was not queued; `Ok(None)` when the time ran out.
     pub fn run(
         &self,
         input: Input,
         timeout: Duration,
     ) -> std::result::Result<Option<Answer>, Rejected> {
-        let (tx, rx) = std::sync::mpsc::channel();
+        self.run_each(vec![input], timeout)
+            .pop()
+            .unwrap_or(Err(Rejected::Gone))
+    }
+
+    /// Queue every input as its own request (so each fails or succeeds alone, and the
+    /// batcher merges them into batches), then wait for all of them, at most `timeout` in
+    /// all; answers in input order, as [`run`](Self::run) gives them. An input the queue
+    /// refuses is `Err(Rejected)`; the others still run.
+    pub fn run_each(
+        &self,
+        inputs: Vec<Input>,
+        timeout: Duration,
+    ) -> Vec<std::result::Result<Option<Answer>, Rejected>> {
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let caller = ChannelCaller {
-            tx,
-            cancelled: cancelled.clone(),
-        };
-        self.submit(input, Box::new(caller), Submit::default())?;
-        match rx.recv_timeout(timeout) {
-            Ok(a) => Ok(Some(a)),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                cancelled.store(true, Ordering::Relaxed);
-                Ok(None)
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Rejected::Gone),
-        }
+        let waiting: Vec<_> = inputs
+            .into_iter()
+            .map(|input| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let caller = ChannelCaller {
+                    tx,
+                    cancelled: cancelled.clone(),
+                };
+                self.submit(input, Box::new(caller), Submit::default())
+                    .map(|()| rx)
+            })
+            .collect();
+        let deadline = Instant::now().checked_add(timeout);
+        let out = waiting
+            .into_iter()
+            .map(|w| {
+                let rx = w?;
+                let answer = match deadline {
+                    Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+                    None => rx
+                        .recv()
+                        .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+                };
+                match answer {
+                    Ok(a) => Ok(Some(a)),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        cancelled.store(true, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Rejected::Gone),
+                }
+            })
+            .collect();
+        // Whatever is still queued when the time ran out is dropped.
+        cancelled.store(true, Ordering::Relaxed);
+        out
     }
 }
 
@@ -395,6 +462,9 @@ struct Slice {
     len: usize,
     /// The request's last piece (its queue slot frees when this is answered).
     last: bool,
+    deadline: Option<Instant>,
+    /// The batch holds this slice only, because it is a suspect of an earlier panic.
+    alone: bool,
 }
 
 /// Take the next batch from the queue, waiting for work; `None` when stopped and drained.
@@ -447,7 +517,7 @@ fn next_batch(inner: &Inner) -> Option<Vec<Slice>> {
             let mergeable = batch
                 .first()
                 .is_none_or(|s| !matches!(s.items.first(), Some(Item::Tensors(_))));
-            if (tensors && !batch.is_empty()) || !mergeable {
+            if (tensors && !batch.is_empty()) || !mergeable || (job.alone && !batch.is_empty()) {
                 q.jobs.push_front(job);
                 break;
             }
@@ -470,7 +540,9 @@ fn next_batch(inner: &Inner) -> Option<Vec<Slice>> {
                 } else {
                     0
                 };
-                let fits = n < limits.max_items && bytes + b <= limits.max_text_bytes;
+                // A suspect takes all of its items: it was one slice of a batch before.
+                let fits =
+                    job.alone || (n < limits.max_items && bytes + b <= limits.max_text_bytes);
                 if !(fits || (batch.is_empty() && items.is_empty())) {
                     break;
                 }
@@ -488,19 +560,25 @@ fn next_batch(inner: &Inner) -> Option<Vec<Slice>> {
                 break;
             }
             job.next += items.len();
-            let last = job.items.is_empty();
+            let emptied = job.items.is_empty();
             batch.push(Slice {
                 progress: job.progress.clone(),
                 start,
                 len: items.len(),
                 items,
-                last,
+                last: emptied && job.ends_request,
+                deadline: job.deadline,
+                alone: job.alone,
             });
-            if !last {
+            if !emptied {
                 // Requests take turns: the rest of this one goes behind the others.
                 q.jobs.push_back(job);
             }
-            if tensors || n >= limits.max_items || bytes >= limits.max_text_bytes {
+            if tensors
+                || job_alone(&batch)
+                || n >= limits.max_items
+                || bytes >= limits.max_text_bytes
+            {
                 break;
             }
         }
@@ -508,6 +586,10 @@ fn next_batch(inner: &Inner) -> Option<Vec<Slice>> {
             return Some(batch);
         }
     }
+}
+
+fn job_alone(batch: &[Slice]) -> bool {
+    batch.first().is_some_and(|s| s.alone)
 }
 
 fn merged(items: Vec<Item>) -> Input {
@@ -550,13 +632,6 @@ fn split(out: Output, counts: &[usize]) -> Vec<Output> {
             .collect(),
         Output::Tensors(t) => vec![Output::Tensors(t)],
     }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// The test-only fault: a text starting with this makes the instance panic; a suffix
@@ -641,15 +716,13 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
             inner.depth.fetch_sub(1, Ordering::Relaxed);
         }
     };
-    let panicked = |batch: &[Slice], msg: &str| {
-        for s in batch {
-            lock(&s.progress).fail(EngineError::Backend(format!(
-                "model {}: the worker panicked while computing this request ({msg}); \
-                 it is being restarted from the verified model, retry shortly",
-                inner.name
-            )));
-            finished(s);
-        }
+    let culprit = |s: &Slice, msg: &str| {
+        lock(&s.progress).fail(EngineError::Backend(format!(
+            "model {}: the worker panicked while computing this request ({msg}); \
+             it is being restarted from the verified model",
+            inner.name
+        )));
+        finished(s);
     };
     let counts: Vec<usize> = batch.iter().map(|s| s.items.len()).collect();
     let mut slices = Vec::with_capacity(batch.len());
@@ -666,24 +739,32 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
     };
     let input = merged(all);
     let backup = (slices.len() > 1).then(|| input.clone());
-    match guarded(pipeline, input, first) {
-        Err(msg) => {
-            panicked(&slices, &msg);
+    match (guarded(pipeline, input, first), backup) {
+        (Err(msg), None) => {
+            culprit(&slices[0], &msg);
             Some(msg)
         }
-        Ok(Ok((out, timings))) => {
+        (Err(msg), Some(backup)) => {
+            // Any of the merged requests may be the cause: each runs again on its own.
+            let mut items = items_of(backup);
+            let again = slices
+                .iter()
+                .zip(&counts)
+                .map(|(s, &n)| Job::requeued(s, items.drain(..n.min(items.len())).collect(), true));
+            requeue(inner, again.collect());
+            Some(msg)
+        }
+        (Ok(Ok((out, timings))), _) => {
             for (s, part) in slices.iter().zip(split(out, &counts)) {
                 lock(&s.progress).deliver(s.start, s.len, part, timings);
                 finished(s);
             }
             None
         }
-        Ok(Err(e)) if e.is_input_error() && backup.is_some() => {
+        (Ok(Err(e)), Some(backup)) if e.is_input_error() => {
             // One bad item must not fail its batch-mates: run every item on its own.
-            // (`backup` is Some: the guard checked it.)
-            let backup = backup.unwrap_or(Input::Texts(Vec::new()));
             let mut items = split_items(backup, &counts).into_iter();
-            for s in &slices {
+            for (k, s) in slices.iter().enumerate() {
                 let own = items.next().unwrap_or_default();
                 for (j, one) in own.into_iter().enumerate() {
                     if lock(&s.progress).gone() {
@@ -691,7 +772,17 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
                     }
                     match guarded(pipeline, one, s.start + j) {
                         Err(msg) => {
-                            panicked(&slices, &msg);
+                            // This item panicked on its own: its request is the culprit;
+                            // the requests not yet run go back to the queue as they were.
+                            culprit(s, &msg);
+                            let again = slices[k + 1..].iter().zip(items).map(|(s, own)| {
+                                Job::requeued(
+                                    s,
+                                    own.into_iter().flat_map(items_of).collect(),
+                                    false,
+                                )
+                            });
+                            requeue(inner, again.collect());
                             return Some(msg);
                         }
                         Ok(Ok((out, t))) => lock(&s.progress).deliver(s.start + j, 1, out, t),
@@ -702,25 +793,28 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
             }
             None
         }
-        Ok(Err(e)) if slices.len() == 1 => {
+        (Ok(Err(e)), _) => {
+            for s in &slices[1..] {
+                lock(&s.progress).fail(e.duplicate());
+                finished(s);
+            }
             lock(&slices[0].progress).fail(e);
             finished(&slices[0]);
             None
         }
-        Ok(Err(e)) => {
-            let msg = e.to_string();
-            let input_error = e.is_input_error();
-            for s in &slices {
-                lock(&s.progress).fail(if input_error {
-                    EngineError::Input(strip_prefix(&msg))
-                } else {
-                    EngineError::Backend(strip_backend(&msg))
-                });
-                finished(s);
-            }
-            None
-        }
     }
+}
+
+/// Put jobs back at the front of the queue, in order (their requests are still counted in
+/// `depth`; their bytes count again).
+fn requeue(inner: &Inner, jobs: Vec<Job>) {
+    let mut q = lock(&inner.queue);
+    for job in jobs.into_iter().rev() {
+        q.bytes += job.items.iter().map(Item::bytes).sum::<usize>();
+        q.jobs.push_front(job);
+    }
+    drop(q);
+    inner.wake.notify_all();
 }
 
 /// The items of a merged input back as one single-item input each, per slice.
@@ -747,17 +841,4 @@ fn split_items(input: Input, counts: &[usize]) -> Vec<Vec<Input>> {
         Input::Tensors(t) => out.push(vec![Input::Tensors(t)]),
     }
     out
-}
-
-/// `EngineError`'s display prefixes, removed when a message is wrapped again.
-fn strip_prefix(msg: &str) -> String {
-    msg.strip_prefix("invalid input: ")
-        .unwrap_or(msg)
-        .to_string()
-}
-
-fn strip_backend(msg: &str) -> String {
-    msg.strip_prefix("inference failed: ")
-        .unwrap_or(msg)
-        .to_string()
 }

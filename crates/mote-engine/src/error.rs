@@ -32,6 +32,26 @@ impl EngineError {
     pub fn is_input_error(&self) -> bool {
         matches!(self, EngineError::Input(_))
     }
+
+    /// The same error again, for another caller that shares it (one batch failing for
+    /// several requests); a store error becomes a model error with its message.
+    pub fn duplicate(&self) -> EngineError {
+        match self {
+            EngineError::Store(e) => EngineError::Model(e.to_string()),
+            EngineError::Input(m) => EngineError::Input(m.clone()),
+            EngineError::Unsupported(m) => EngineError::Unsupported(m.clone()),
+            EngineError::Model(m) => EngineError::Model(m.clone()),
+            EngineError::Backend(m) => EngineError::Backend(m.clone()),
+        }
+    }
+}
+
+/// The message of a caught panic's payload.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Shorthand for results of this crate.

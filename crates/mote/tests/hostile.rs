@@ -540,7 +540,14 @@ fn hostile_g_a_panicking_worker_is_rebuilt_and_unready_meanwhile() {
     let back = back_after.expect("the model serves again");
     eprintln!("(g) serving again {back:?} after the panicked request's 500");
     assert!(back < Duration::from_secs(2), "{back:?}");
-    assert_eq!(h.metric("mote_worker_restarts_total"), restarts + 1.0);
+    // One restart, or two when the panicking request shared a batch with a well-behaved
+    // one (the batch's requests then run again alone and the culprit panics once more);
+    // the well-behaved client never saw a failure (`latencies` asserts each answer).
+    let after = h.metric("mote_worker_restarts_total");
+    assert!(
+        after == restarts + 1.0 || after == restarts + 2.0,
+        "{restarts} restarts before, {after} after"
+    );
 }
 
 #[test]
