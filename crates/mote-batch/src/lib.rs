@@ -21,11 +21,16 @@ pub mod journal;
 mod report;
 mod summarize;
 
+pub use summarize::front_matter;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mote_engine::llm::Llm;
+use std::sync::Arc;
+
+use mote_engine::batcher::{BatchLimits, Batcher, NoObserver};
+use mote_engine::generator::Generator;
 use mote_engine::{Input, Model, Output, Pipeline};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -362,16 +367,29 @@ pub fn write_atomic(dir: &Path, tmp: &Path, rel: &str, bytes: &[u8]) -> Result<(
         .map_err(|source| BatchError::Io { path: dest, source })
 }
 
-/// Either kind of model, ready for the task.
+/// Either kind of model, ready for the task, behind the request layer the server uses
+/// (batch budget, per-item fallback, panics isolated and the instance rebuilt).
 enum Engine<'a> {
     Llm {
-        llm: &'a Llm,
+        llm: &'a mote_engine::llm::Llm,
+        generator: Generator,
         model: &'a Model,
-        opts: JobOptions,
+        opts: Box<JobOptions>,
     },
     Embed {
-        pipeline: Pipeline,
+        batcher: Batcher,
+        item_timeout: Option<Duration>,
     },
+}
+
+/// A name for the request layer's threads and messages.
+fn model_name(model: &Model) -> String {
+    model
+        .info()
+        .tags
+        .first()
+        .cloned()
+        .unwrap_or_else(|| model.digest().to_string())
 }
 
 type Found = HashMap<(String, String), (String, String, (usize, usize))>;
@@ -388,10 +406,18 @@ impl<'a> Engine<'a> {
                 if let Some(t) = &opts.prompt_template {
                     summarize::check_template(t).map_err(BatchError::Usage)?;
                 }
+                let generator = Generator::start(
+                    &model_name(model),
+                    llm.clone(),
+                    &BatchLimits::default(),
+                    Arc::new(NoObserver),
+                )
+                .map_err(|e| BatchError::Usage(e.to_string()))?;
                 Ok(Engine::Llm {
                     llm,
+                    generator,
                     model,
-                    opts: opts.clone(),
+                    opts: Box::new(opts.clone()),
                 })
             }
             (Task::Summarize | Task::Generate, None) => Err(BatchError::Usage(format!(
@@ -409,7 +435,18 @@ impl<'a> Engine<'a> {
                         model.task()
                     )));
                 }
-                Ok(Engine::Embed { pipeline })
+                let batcher = Batcher::start(
+                    &model_name(model),
+                    vec![pipeline],
+                    BatchLimits::default(),
+                    Arc::new(NoObserver),
+                    None,
+                )
+                .map_err(|e| BatchError::Usage(e.to_string()))?;
+                Ok(Engine::Embed {
+                    batcher,
+                    item_timeout: opts.item_timeout,
+                })
             }
             (Task::Embed, Some(_)) => Err(BatchError::Usage(
                 "embed needs a text-embedding model, not a language model".into(),
@@ -447,7 +484,12 @@ impl<'a> Engine<'a> {
         sink: &mut dyn FnMut(Vec<Record>) -> Result<bool, BatchError>,
     ) -> Result<(), BatchError> {
         match self {
-            Engine::Llm { llm, model, opts } => {
+            Engine::Llm {
+                llm,
+                generator,
+                model,
+                opts,
+            } => {
                 for (item, loaded) in todo {
                     let t0 = Instant::now();
                     let r = match &loaded.text {
@@ -459,6 +501,7 @@ impl<'a> Engine<'a> {
                         Ok(text) => {
                             let doc = summarize::Doc {
                                 llm,
+                                generator,
                                 model,
                                 opts,
                                 id: &item.id,
@@ -494,7 +537,10 @@ impl<'a> Engine<'a> {
                 }
                 Ok(())
             }
-            Engine::Embed { pipeline } => {
+            Engine::Embed {
+                batcher,
+                item_timeout,
+            } => {
                 for group in todo.chunks(64) {
                     let t0 = Instant::now();
                     let mut records = Vec::new();
@@ -505,24 +551,29 @@ impl<'a> Engine<'a> {
                         .iter()
                         .map(|(_, l)| l.text.clone().unwrap_or_default())
                         .collect();
-                    let results: Vec<Result<(Vec<f32>, usize), String>> =
-                        match pipeline.run(Input::Texts(texts.clone())) {
-                            Ok((Output::Embeddings(es), _)) => {
-                                es.into_iter().map(|e| Ok((e.vector, e.tokens))).collect()
+                    // Each text its own request: one bad text fails alone, and the
+                    // batcher merges them into batches by its budget.
+                    let limit = item_timeout.map_or(Duration::from_secs(7 * 24 * 3600), |t| {
+                        t * texts.len() as u32
+                    });
+                    let inputs = texts.into_iter().map(|t| Input::Texts(vec![t])).collect();
+                    let results: Vec<Result<(Vec<f32>, usize), String>> = batcher
+                        .run_each(inputs, limit)
+                        .into_iter()
+                        .map(|answer| match answer {
+                            Ok(Some(Ok((Output::Embeddings(mut es), _)))) if es.len() == 1 => {
+                                let e = es.remove(0);
+                                Ok((e.vector, e.tokens))
                             }
-                            // One bad text must not fail the others: run each alone.
-                            _ => texts
-                                .iter()
-                                .map(|t| match pipeline.run(Input::Texts(vec![t.clone()])) {
-                                    Ok((Output::Embeddings(mut es), _)) if es.len() == 1 => {
-                                        let e = es.remove(0);
-                                        Ok((e.vector, e.tokens))
-                                    }
-                                    Ok(_) => Err("the model returned no embedding".into()),
-                                    Err(e) => Err(e.to_string()),
-                                })
-                                .collect(),
-                        };
+                            Ok(Some(Ok(_))) => Err("the model returned no embedding".into()),
+                            Ok(Some(Err(e))) => Err(e.to_string()),
+                            Ok(None) => Err(format!(
+                                "timed out after {:.0} s (--item-timeout-s)",
+                                limit.as_secs_f64()
+                            )),
+                            Err(r) => Err(r.to_string()),
+                        })
+                        .collect();
                     let ms = t0.elapsed().as_secs_f64() * 1e3 / group.len().max(1) as f64;
                     let mut results = results.into_iter();
                     for (item, loaded) in group {

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use mote_engine::Model;
-use mote_engine::llm::{ChatMessage, FinishReason, GenerateOptions, Llm, SamplingOptions};
+use mote_engine::generator::Generator;
+use mote_engine::llm::{ChatMessage, GenerateOptions, Llm, SamplingOptions};
 use serde_json::json;
 
 use crate::{JobOptions, Task};
@@ -41,6 +42,7 @@ fn render(template: &str, ctx: serde_json::Value) -> Result<String, String> {
 /// One note being processed.
 pub struct Doc<'a> {
     pub llm: &'a Llm,
+    pub generator: &'a Generator,
     pub model: &'a Model,
     pub opts: &'a JobOptions,
     pub id: &'a str,
@@ -161,12 +163,7 @@ impl Doc<'_> {
     }
 
     fn model_name(&self) -> String {
-        self.model
-            .info()
-            .tags
-            .first()
-            .cloned()
-            .unwrap_or_else(|| self.model.digest().to_string())
+        crate::model_name(self.model)
     }
 
     /// Split `text` into pieces of at most `chunk_tokens` tokens: whole paragraphs where
@@ -248,28 +245,23 @@ impl Doc<'_> {
             },
             ..GenerateOptions::default()
         };
-        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let all = vec![options; refs.len()];
+        // Decoded together on the request layer, until the item's time runs out.
         let limit = self.opts.item_timeout;
-        let mut timed_out = false;
-        let gens = self
-            .llm
-            .generate_batch(&refs, &all, &mut |_, _| {
-                let late = limit.is_some_and(|l| started.elapsed() > l);
-                timed_out |= late;
-                !late
-            })
-            .map_err(|e| format!("the model failed: {e}"))?;
-        if timed_out
-            || gens
-                .iter()
-                .any(|g| g.finish_reason == FinishReason::Cancelled)
-        {
+        let deadline = limit.and_then(|l| started.checked_add(l));
+        let results = self.generator.generate_all(
+            ids.into_iter().map(|p| (p, options.clone())).collect(),
+            deadline,
+        );
+        if deadline.is_some_and(|d| Instant::now() >= d) && results.iter().any(Result::is_err) {
             return Err(format!(
                 "timed out after {:.0} s (--item-timeout-s)",
                 limit.map_or(0.0, |l| l.as_secs_f64())
             ));
         }
+        let gens = results
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the model failed: {e}"))?;
         for g in &gens {
             tally.prompt += g.prompt_tokens.len();
             tally.generated += g.tokens.len();
@@ -378,7 +370,9 @@ pub fn find_outputs(dir: &Path, job: &str) -> crate::Found {
     found
 }
 
-fn front_matter(bytes: &[u8]) -> Option<HashMap<String, serde_json::Value>> {
+/// The `---`-delimited front matter of an output note (`key: <JSON value>` lines), or
+/// `None` when the file has none or it is malformed.
+pub fn front_matter(bytes: &[u8]) -> Option<HashMap<String, serde_json::Value>> {
     let text = std::str::from_utf8(bytes).ok()?;
     let rest = text.strip_prefix("---\n")?;
     let end = rest.find("\n---\n")?;

@@ -17,7 +17,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use crate::batcher::{BatchLimits, Observer, Rejected};
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, panic_message};
 use crate::llm::{BatchDecoder, GenerateOptions, Generation, Llm};
 
 /// What a generation request hears.
@@ -51,6 +51,62 @@ impl Listener for ChannelListener {
     }
     fn event(&self, event: GenEvent) -> bool {
         !self.gone() && self.tx.send(event).is_ok()
+    }
+}
+
+/// A queued generation's events ([`Generator::start_one`]); dropping it cancels the
+/// sequence.
+pub struct Pending {
+    rx: Receiver<GenEvent>,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Pending {
+    /// The next event, waiting until `deadline` at most (then the sequence is cancelled
+    /// and this fails). After `Done` or `Failed` there are no more.
+    pub fn next(&self, deadline: Option<Instant>) -> Result<GenEvent> {
+        let got = match deadline {
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => self
+                .rx
+                .recv()
+                .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        };
+        got.map_err(|e| match e {
+            std::sync::mpsc::RecvTimeoutError::Timeout => {
+                self.cancel();
+                EngineError::Backend(
+                    "no answer within the time limit; the generation was cancelled".into(),
+                )
+            }
+            std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                EngineError::Backend("the decoder stopped".into())
+            }
+        })
+    }
+
+    /// Wait for the whole generation (until `deadline` at most).
+    pub fn wait(&self, deadline: Option<Instant>) -> Result<Generation> {
+        loop {
+            match self.next(deadline)? {
+                GenEvent::Text(_) => {}
+                GenEvent::Done(g) => return Ok(g),
+                GenEvent::Failed(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stop the sequence (it is dropped before its next decoding step).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.cancel();
     }
 }
 
@@ -145,43 +201,61 @@ impl Generator {
         }
     }
 
-    /// Generate and wait (at most `timeout`, after which the sequence is cancelled), for
-    /// callers without an async runtime.
-    pub fn generate(
+    /// Queue a generation and get its events as they come, for callers without an async
+    /// runtime (`mote run`, `mote chat`, batch jobs, audits). Dropping the [`Pending`]
+    /// cancels the sequence.
+    pub fn start_one(
         &self,
         prompt: Vec<u32>,
         options: GenerateOptions,
-        timeout: Duration,
-    ) -> Result<Generation> {
+    ) -> std::result::Result<Pending, Rejected> {
         let (tx, rx) = std::sync::mpsc::channel();
         let cancelled = Arc::new(AtomicBool::new(false));
         let listener = ChannelListener {
             tx,
             cancelled: cancelled.clone(),
         };
-        self.submit(prompt, options, Box::new(listener))
-            .map_err(|r| match r {
-                Rejected::Busy(m) => EngineError::Backend(format!("busy: {m}")),
-                Rejected::Gone => EngineError::Backend("the decoder has stopped".into()),
-            })?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(GenEvent::Text(_)) => {}
-                Ok(GenEvent::Done(g)) => return Ok(g),
-                Ok(GenEvent::Failed(e)) => return Err(e),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    cancelled.store(true, Ordering::Relaxed);
-                    return Err(EngineError::Backend(format!(
-                        "no answer within {timeout:?}; the generation was cancelled"
-                    )));
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(EngineError::Backend("the decoder stopped".into()));
-                }
+        self.submit(prompt, options, Box::new(listener))?;
+        Ok(Pending { rx, cancelled })
+    }
+
+    /// Generate and wait (at most `timeout`, after which the sequence is cancelled).
+    pub fn generate(
+        &self,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        timeout: Duration,
+    ) -> Result<Generation> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.generate_all(vec![(prompt, options)], deadline)
+            .pop()
+            .unwrap_or_else(|| Err(EngineError::Backend("the decoder stopped".into())))
+    }
+
+    /// Generate every prompt, decoded together (continuous batching, queued in windows of
+    /// the queue's size), waiting until `deadline` at most: the sequences unfinished then
+    /// are cancelled and fail. Results in prompt order.
+    pub fn generate_all(
+        &self,
+        jobs: Vec<(Vec<u32>, GenerateOptions)>,
+        deadline: Option<Instant>,
+    ) -> Vec<Result<Generation>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let window: Vec<_> = jobs
+                .by_ref()
+                .take(self.capacity)
+                .map(|(prompt, options)| {
+                    self.start_one(prompt, options)
+                        .map_err(|r| EngineError::Backend(r.to_string()))
+                })
+                .collect();
+            for pending in window {
+                out.push(pending.and_then(|p| p.wait(deadline)));
             }
         }
+        out
     }
 
     /// Requests waiting or being decoded.
@@ -193,13 +267,6 @@ impl Generator {
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 type Clients = HashMap<usize, Box<dyn Listener>>;

@@ -3,11 +3,14 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use mote_engine::Model;
+use mote_engine::batcher::{BatchLimits, NoObserver};
+use mote_engine::generator::{GenEvent, Generator};
 use mote_engine::llm::{ChatMessage, GenerateOptions, Generation, Llm, SamplingOptions};
 use mote_store::Store;
 use serde_json::json;
@@ -80,19 +83,55 @@ fn timings_line(g: &Generation) -> String {
     .replace("Cancelled", "cancelled")
 }
 
+/// The request layer the server decodes with, for one command-line session.
+fn generator(model: &Model, llm: &Arc<Llm>) -> Result<Generator> {
+    let name = model.info().tags.first().cloned().unwrap_or_default();
+    Ok(Generator::start(
+        &name,
+        llm.clone(),
+        &BatchLimits::default(),
+        Arc::new(NoObserver),
+    )?)
+}
+
+/// Generate `ids` on `generator`, handing each piece of text to `piece` as it comes;
+/// `piece` returning false cancels the generation (then `None`).
+fn streamed(
+    generator: &Generator,
+    ids: Vec<u32>,
+    options: &GenerateOptions,
+    piece: &mut dyn FnMut(&str) -> bool,
+) -> Result<Option<Generation>> {
+    let pending = generator
+        .start_one(ids, options.clone())
+        .map_err(|r| anyhow::anyhow!("the model did not take the prompt: {r}"))?;
+    loop {
+        match pending.next(None)? {
+            GenEvent::Text(t) => {
+                if !piece(&t) {
+                    return Ok(None);
+                }
+            }
+            GenEvent::Done(g) => return Ok(Some(g)),
+            GenEvent::Failed(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `mote run` on a language model: complete `prompt`, text on stdout, timings on stderr.
 pub fn complete(
     model: &Model,
-    llm: &Llm,
+    llm: &Arc<Llm>,
     prompt: &str,
     options: &GenerateOptions,
     json_out: bool,
     open_ms: f64,
 ) -> Result<ExitCode> {
     let ids = llm.tokenizer().encode_prompt(prompt)?;
+    let generator = generator(model, llm)?;
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
-    let g = llm.generate(&ids, options, &mut |piece| {
+    let g = streamed(&generator, ids, options, &mut |piece| {
         if json_out {
             return true;
         }
@@ -113,6 +152,7 @@ pub fn complete(
         }
         return Err(e).context("cannot write the generated text");
     }
+    let g = g.context("the generation was cancelled")?;
     if json_out {
         crate::output::json(&json!({
             "model": { "digest": model.digest(), "tags": model.info().tags, "backend": model.backend_name(), "threads": model.threads() },
@@ -163,6 +203,7 @@ pub fn chat(store: &Store, a: ChatArgs) -> Result<ExitCode> {
         );
     };
     let options = a.generation.options(Some(a.top_k))?;
+    let generator = generator(&model, llm)?;
     let interactive = std::io::stdin().is_terminal();
     let mut history: Vec<ChatMessage> = Vec::new();
     let reset = |h: &mut Vec<ChatMessage>| {
@@ -211,13 +252,14 @@ pub fn chat(store: &Store, a: ChatArgs) -> Result<ExitCode> {
         turn += 1;
         let started = Instant::now();
         let mut stdout = std::io::stdout().lock();
-        let g = llm.generate(&ids, &turn_options, &mut |piece| {
+        let g = streamed(&generator, ids, &turn_options, &mut |piece| {
             if !a.json.json {
                 let _ = stdout.write_all(piece.as_bytes());
                 let _ = stdout.flush();
             }
             true
-        })?;
+        })?
+        .context("the generation was cancelled")?;
         let answer = g.text.trim().to_string();
         if a.json.json {
             let line = json!({

@@ -3,10 +3,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use mote_engine::batcher::{BatchLimits, Batcher, NoObserver};
 use mote_engine::{Input, Output, Pipeline, Tensor, TensorData, npy};
 use mote_store::{Store, Task};
 use serde_json::json;
@@ -197,8 +199,21 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
             )
         }
     };
-    let (output, timings) = pipeline.run(input)?;
+    // Through the request layer the server uses (batch budget, pieces, fallback, faults).
     let tags = model.info().tags.clone();
+    let task = pipeline.task();
+    let name = tags.first().cloned().unwrap_or_default();
+    let batcher = Batcher::start(
+        &name,
+        vec![pipeline],
+        BatchLimits::default(),
+        Arc::new(NoObserver),
+        None,
+    )?;
+    let (output, timings) = batcher
+        .run(input, Duration::from_secs(7 * 24 * 3600))
+        .map_err(|r| anyhow::anyhow!("the model did not take the input: {r}"))?
+        .context("no answer within a week")??;
     if let (Some(dir), Output::Tensors(ts)) = (&a.save, &output) {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for (name, t) in ts {
@@ -227,7 +242,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
         };
         crate::output::json(&json!({
             "model": { "digest": model.digest(), "tags": tags, "backend": model.backend_name(), "threads": model.threads() },
-            "task": pipeline.task(),
+            "task": task,
             "results": results,
             "timings_ms": { "open": open_ms, "preprocess": timings.preprocess.as_secs_f64() * 1e3, "infer": timings.infer.as_secs_f64() * 1e3, "postprocess": timings.postprocess.as_secs_f64() * 1e3 },
         }))?;
@@ -237,7 +252,7 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
         "model {} ({}), {} pipeline on {} with {} threads",
         tags.first().map_or("(untagged)", String::as_str),
         model.digest(),
-        pipeline.task(),
+        task,
         model.backend_name(),
         model.threads()
     );
