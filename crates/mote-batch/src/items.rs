@@ -60,37 +60,44 @@ pub fn discover(input: &Path) -> Result<Vec<Item>, BatchError> {
             path: input.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let mut items = Vec::new();
-        for (i, line) in data.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let id = serde_json::from_slice::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| match &v["id"] {
-                    serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => {
-                        Some(s.clone())
-                    }
-                    serde_json::Value::Number(n) => Some(n.to_string()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| format!("line-{}", i + 1));
-            items.push(Item {
-                id,
-                source: Source::Line(i + 1, line.to_vec()),
-            });
-        }
-        let mut seen = std::collections::HashSet::new();
-        for it in &items {
-            if !seen.insert(it.id.as_str()) {
-                return Err(BatchError::Input {
-                    path: input.to_path_buf(),
-                    reason: format!("two lines have the id {:?}; ids must be unique", it.id),
-                });
-            }
-        }
-        Ok(items)
+        jsonl_items(&data).map_err(|reason| BatchError::Input {
+            path: input.to_path_buf(),
+            reason,
+        })
     }
+}
+
+/// The items of a JSONL file's bytes: one per non-blank line, named by its `"id"` (a
+/// string of at most 200 bytes, or a number) or `line-N`; duplicate ids are refused.
+pub fn jsonl_items(data: &[u8]) -> Result<Vec<Item>, String> {
+    let mut items = Vec::new();
+    for (i, line) in data.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let id = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| match &v["id"] {
+                serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("line-{}", i + 1));
+        items.push(Item {
+            id,
+            source: Source::Line(i + 1, line.to_vec()),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for it in &items {
+        if !seen.insert(it.id.as_str()) {
+            return Err(format!(
+                "two lines have the id {:?}; ids must be unique",
+                it.id
+            ));
+        }
+    }
+    Ok(items)
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), BatchError> {
@@ -171,7 +178,8 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, String> {
     Ok(raw)
 }
 
-fn text_of(raw: &[u8]) -> Result<String, String> {
+/// A note file's text: UTF-8 without NULs, BOM removed, not blank.
+pub fn text_of(raw: &[u8]) -> Result<String, String> {
     if raw.contains(&0) {
         return Err("binary file (it contains NUL bytes), not a text note".into());
     }
@@ -188,7 +196,8 @@ fn text_of(raw: &[u8]) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn line_text(raw: &[u8], field: &str) -> Result<String, String> {
+/// A JSONL line's text: the line itself when it is a JSON string, else its `field`.
+pub fn line_text(raw: &[u8], field: &str) -> Result<String, String> {
     let v: serde_json::Value =
         serde_json::from_slice(raw).map_err(|e| format!("not a JSON value: {e}"))?;
     let text = match &v {

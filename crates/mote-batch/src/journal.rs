@@ -73,6 +73,27 @@ pub struct Journal {
     pub records: Vec<Record>,
 }
 
+/// The records of a journal's bytes, and how many bytes they span (a torn last line, one
+/// without its newline, is left out).
+pub fn parse(data: &[u8]) -> Result<(Vec<Record>, usize), String> {
+    let good = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut records = Vec::new();
+    for (n, line) in data[..good].split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let r: Record = serde_json::from_slice(line).map_err(|e| {
+            format!(
+                "line {} is not a journal record ({e}); the journal was edited or belongs to \
+                 another tool — use a new --output directory",
+                n + 1
+            )
+        })?;
+        records.push(r);
+    }
+    Ok((records, good))
+}
+
 impl Journal {
     /// Open (or create) `dir/journal.jsonl`, dropping a torn last line.
     pub fn open(dir: &Path) -> Result<Journal, BatchError> {
@@ -86,18 +107,10 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io(e)),
         };
-        let good = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let mut records = Vec::new();
-        for (n, line) in data[..good].split(|&b| b == b'\n').enumerate() {
-            if line.is_empty() {
-                continue;
-            }
-            let r: Record = serde_json::from_slice(line).map_err(|e| BatchError::Journal {
-                path: path.clone(),
-                reason: format!("line {} is not a journal record ({e}); the journal was edited or belongs to another tool — use a new --output directory", n + 1),
-            })?;
-            records.push(r);
-        }
+        let (records, good) = parse(&data).map_err(|reason| BatchError::Journal {
+            path: path.clone(),
+            reason,
+        })?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)

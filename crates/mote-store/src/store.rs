@@ -237,6 +237,15 @@ pub struct Mapped(MappedInner);
 enum MappedInner {
     Empty,
     Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Mapped {
+    /// Bytes already in memory, standing in for a mapped file (fuzzing, tests): nothing
+    /// verifies them.
+    pub fn from_bytes(bytes: Vec<u8>) -> Mapped {
+        Mapped(MappedInner::Owned(bytes))
+    }
 }
 
 impl std::ops::Deref for Mapped {
@@ -245,6 +254,7 @@ impl std::ops::Deref for Mapped {
         match &self.0 {
             MappedInner::Empty => &[],
             MappedInner::Map(m) => m,
+            MappedInner::Owned(v) => v,
         }
     }
 }

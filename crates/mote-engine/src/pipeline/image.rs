@@ -88,65 +88,7 @@ impl ImageClassification {
 
     /// Decode and preprocess one image into CHW floats.
     pub fn preprocess(&self, i: usize, bytes: &[u8]) -> Result<Vec<f32>> {
-        let bad = |m: String| EngineError::input(format!("image {i}: {m}"));
-        if bytes.len() > MAX_IMAGE_BYTES {
-            return Err(bad(format!(
-                "{} bytes is more than the {MAX_IMAGE_BYTES}-byte limit",
-                bytes.len()
-            )));
-        }
-        let mut reader = ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| bad(format!("cannot read it: {e}")))?;
-        if reader.format().is_none() {
-            return Err(bad("not a PNG or JPEG image".into()));
-        }
-        let mut limits = Limits::default();
-        limits.max_image_width = Some(MAX_SIDE);
-        limits.max_image_height = Some(MAX_SIDE);
-        limits.max_alloc = Some(512 << 20);
-        reader.limits(limits);
-        let img = reader.decode().map_err(|e| match e {
-            image::ImageError::Limits(_) => bad(format!(
-                "it is larger than the {MAX_SIDE}x{MAX_SIDE} limit; scale it down first"
-            )),
-            e => bad(format!(
-                "it cannot be decoded ({e}); the file is corrupt or not a PNG/JPEG"
-            )),
-        })?;
-        let rgb = img.to_rgb8();
-        let (w, h) = rgb.dimensions();
-        if w == 0 || h == 0 {
-            return Err(bad("it has no pixels".into()));
-        }
-        let s = &self.settings;
-        let scale = s.resize as f64 / w.min(h) as f64;
-        let (nw, nh) = (
-            ((w as f64 * scale).round() as u32).max(s.crop),
-            ((h as f64 * scale).round() as u32).max(s.crop),
-        );
-        // A tiny file can be a 4000x2 image whose short side, scaled to `resize`, makes a
-        // resized image of hundreds of megabytes: refuse what would outgrow the decode limit.
-        if nw > MAX_SIDE || nh > MAX_SIDE {
-            return Err(bad(format!(
-                "its {w}x{h} shape is too elongated: scaling its short side to {} would make it {nw}x{nh}, more than {MAX_SIDE} pixels on a side; crop it first",
-                s.resize
-            )));
-        }
-        let resized = image::imageops::resize(&rgb, nw, nh, FilterType::Triangle);
-        let (x0, y0) = ((nw - s.crop) / 2, (nh - s.crop) / 2);
-        let side = s.crop as usize;
-        let mut chw = vec![0f32; 3 * side * side];
-        for y in 0..side {
-            for x in 0..side {
-                let p = resized.get_pixel(x0 + x as u32, y0 + y as u32);
-                for c in 0..3 {
-                    chw[c * side * side + y * side + x] =
-                        (p[c] as f32 / 255.0 - s.mean[c]) / s.std[c];
-                }
-            }
-        }
-        Ok(chw)
+        preprocess(&self.settings, i, bytes)
     }
 
     /// Classify encoded images; results in input order.
@@ -212,4 +154,68 @@ impl ImageClassification {
             })
             .collect()
     }
+}
+
+/// Decode one encoded image (image `i` of its request, for messages) and preprocess it
+/// into CHW floats as `settings` say: the parser of untrusted image bytes, with its
+/// byte, side and allocation limits.
+pub fn preprocess(settings: &ImageSettings, i: usize, bytes: &[u8]) -> Result<Vec<f32>> {
+    let bad = |m: String| EngineError::input(format!("image {i}: {m}"));
+    if bytes.len() > MAX_IMAGE_BYTES {
+        return Err(bad(format!(
+            "{} bytes is more than the {MAX_IMAGE_BYTES}-byte limit",
+            bytes.len()
+        )));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if reader.format().is_none() {
+        return Err(bad("not a PNG or JPEG image".into()));
+    }
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(512 << 20);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => bad(format!(
+            "it is larger than the {MAX_SIDE}x{MAX_SIDE} limit; scale it down first"
+        )),
+        e => bad(format!(
+            "it cannot be decoded ({e}); the file is corrupt or not a PNG/JPEG"
+        )),
+    })?;
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    if w == 0 || h == 0 {
+        return Err(bad("it has no pixels".into()));
+    }
+    let s = settings;
+    let scale = s.resize as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(s.crop),
+        ((h as f64 * scale).round() as u32).max(s.crop),
+    );
+    // A tiny file can be a 4000x2 image whose short side, scaled to `resize`, makes a
+    // resized image of hundreds of megabytes: refuse what would outgrow the decode limit.
+    if nw > MAX_SIDE || nh > MAX_SIDE {
+        return Err(bad(format!(
+            "its {w}x{h} shape is too elongated: scaling its short side to {} would make it {nw}x{nh}, more than {MAX_SIDE} pixels on a side; crop it first",
+            s.resize
+        )));
+    }
+    let resized = image::imageops::resize(&rgb, nw, nh, FilterType::Triangle);
+    let (x0, y0) = ((nw - s.crop) / 2, (nh - s.crop) / 2);
+    let side = s.crop as usize;
+    let mut chw = vec![0f32; 3 * side * side];
+    for y in 0..side {
+        for x in 0..side {
+            let p = resized.get_pixel(x0 + x as u32, y0 + y as u32);
+            for c in 0..3 {
+                chw[c * side * side + y * side + x] = (p[c] as f32 / 255.0 - s.mean[c]) / s.std[c];
+            }
+        }
+    }
+    Ok(chw)
 }

@@ -60,30 +60,43 @@ enum Slot {
     TypeIds,
 }
 
+/// Load a model's `tokenizer.json` (untrusted bytes from the artifact), truncating to the
+/// settings' `max_length` (else the file's own, else 512) and without padding; returns the
+/// tokenizer and the length it truncates to.
+pub fn load_tokenizer(json: &[u8], settings: &TextSettings) -> Result<(Tokenizer, usize)> {
+    let bad = |e: String| EngineError::Model(format!("{} does not load: {e}", settings.tokenizer));
+    // The JSON syntax first: `tokenizers` panics on some malformed files (a syntax error
+    // inside its `decoder`, found by fuzzing), and any panic left is caught as well.
+    serde_json::from_slice::<serde::de::IgnoredAny>(json)
+        .map_err(|e| bad(format!("it is not valid JSON ({e})")))?;
+    let mut tokenizer = std::panic::catch_unwind(|| Tokenizer::from_bytes(json))
+        .map_err(|_| bad("the tokenizers library failed on it (malformed file)".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+    let own_max = tokenizer.get_truncation().map(|t| t.max_length);
+    let max_length = settings
+        .max_length
+        .map(|m| m as usize)
+        .or(own_max)
+        .unwrap_or(512);
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: TruncationDirection::Right,
+        }))
+        .map_err(|e| EngineError::Model(format!("cannot set truncation: {e}")))?;
+    tokenizer.with_padding(None);
+    Ok((tokenizer, max_length))
+}
+
 impl TextEmbedding {
     pub(crate) fn new(
         backend: Arc<dyn Backend>,
         tokenizer_json: &[u8],
         settings: &TextSettings,
     ) -> Result<TextEmbedding> {
-        let mut tokenizer = Tokenizer::from_bytes(tokenizer_json).map_err(|e| {
-            EngineError::Model(format!("{} does not load: {e}", settings.tokenizer))
-        })?;
-        let own_max = tokenizer.get_truncation().map(|t| t.max_length);
-        let max_length = settings
-            .max_length
-            .map(|m| m as usize)
-            .or(own_max)
-            .unwrap_or(512);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
-            .map_err(|e| EngineError::Model(format!("cannot set truncation: {e}")))?;
-        tokenizer.with_padding(None);
+        let (tokenizer, max_length) = load_tokenizer(tokenizer_json, settings)?;
         let mut order = Vec::new();
         for spec in backend.inputs() {
             let slot = match spec.name.as_str() {
@@ -297,5 +310,34 @@ impl TextEmbedding {
             }
         }
         Ok(vectors)
+    }
+}
+
+#[cfg(test)]
+mod tokenizer_tests {
+    use super::*;
+
+    fn settings() -> TextSettings {
+        TextSettings {
+            tokenizer: "tokenizer.json".into(),
+            max_length: None,
+            pooling: None,
+            normalize: false,
+        }
+    }
+
+    #[test]
+    fn a_malformed_tokenizer_json_is_an_error_not_a_panic() {
+        // The fuzzer's find: a control character inside the decoder's type string made
+        // `tokenizers` panic ("Helper").
+        let json = b"{\"version\": \"1.0\", \"decoder\": {\"type\": \"Wor\x0bdPiece\"}, \
+                     \"model\": {\"type\": \"WordPiece\", \"vocab\": {\"a\": 0}}}";
+        let e = load_tokenizer(json, &settings()).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("not valid JSON"),
+            "{e}"
+        );
+        let e = load_tokenizer(b"[", &settings()).unwrap_err().to_string();
+        assert!(e.contains("not valid JSON"), "{e}");
     }
 }
