@@ -12,7 +12,7 @@ use mote_engine::llm::Llm;
 use mote_engine::native::bert::Bert;
 use mote_store::Mapped;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: mote_fuzz_hook(), |data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else {
         return;
     };
@@ -40,4 +40,11 @@ fn debug(what: &str, r: Result<(), &mote_engine::EngineError>) {
     if std::env::var_os("MOTE_FUZZ_DEBUG").is_some() {
         eprintln!("{what}: {r:?}");
     }
+}
+
+/// A panic that mote catches (third-party parsers run under `catch_unwind`, e.g. the
+/// `tokenizers` crate's) is an error to the user, not a crash: say it without aborting.
+/// A panic that escapes still reaches libfuzzer-sys, which aborts and reports it.
+fn mote_fuzz_hook() {
+    std::panic::set_hook(Box::new(|info| eprintln!("panic (caught?): {info}")));
 }

@@ -87,6 +87,20 @@ pub fn load_tokenizer(json: &[u8], settings: &TextSettings) -> Result<(Tokenizer
         }))
         .map_err(|e| EngineError::Model(format!("cannot set truncation: {e}")))?;
     tokenizer.with_padding(None);
+    // `tokenizers` does not check a deserialised post-processor: a template naming a
+    // special token it does not define panics on every encode (found by fuzzing). Probe
+    // once here, so such a file is refused at load instead of failing every request.
+    let probe = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = tokenizer.encode("mote probe", true);
+        let _ = tokenizer.encode(("mote", "probe"), true);
+    }));
+    if probe.is_err() {
+        return Err(bad(
+            "the tokenizers library fails on every text with it (its post-processor or \
+             vocabulary is inconsistent, e.g. a template naming an undefined special token)"
+                .into(),
+        ));
+    }
     Ok((tokenizer, max_length))
 }
 
@@ -339,5 +353,27 @@ mod tokenizer_tests {
         );
         let e = load_tokenizer(b"[", &settings()).unwrap_err().to_string();
         assert!(e.contains("not valid JSON"), "{e}");
+    }
+
+    #[test]
+    fn a_template_naming_an_undefined_special_token_is_refused_at_load() {
+        // The fuzzer's second find: tokenizers panicked ("no entry found for key") on
+        // every encode with this post-processor.
+        let json = br#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {}},
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": {"mote": 0, "probe": 1, "[UNK]": 2},
+                      "unk_token": "[UNK]"}}"#;
+        let e = load_tokenizer(json, &settings()).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("special token"),
+            "{e}"
+        );
     }
 }
