@@ -1,6 +1,6 @@
 //! The one request layer: a [`Batcher`] per served model, in front of its [`Pipeline`]
 //! instances (language models: [`crate::generator::Generator`]). `mote serve` is HTTP over it; every other consumer that runs requests for a
-//! caller (the audit's in-process target, batch jobs) can use the same code path.
+//! caller uses the same code path: the audit's in-process target, `mote run` and batch jobs.
 //!
 //! What it guarantees:
 //! - **Bounded queue**, in requests *and* in queued input bytes (the estimate of the work
