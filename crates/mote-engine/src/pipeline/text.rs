@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use super::Timings;
-use crate::backend::Backend;
+use crate::backend::{Backend, TensorSpec};
 use crate::error::{EngineError, Result};
 use crate::tensor::{DType, Tensor, TensorData};
 use mote_store::{Pooling, TextSettings};
@@ -104,6 +104,44 @@ pub fn load_tokenizer(json: &[u8], settings: &TextSettings) -> Result<(Tokenizer
     Ok((tokenizer, max_length))
 }
 
+/// Which of an encoder's outputs holds the embeddings. Exports in the wild name them
+/// (`sentence_embedding` from sentence-transformers, `last_hidden_state` or
+/// `token_embeddings` from transformers/optimum) or not at all (a graph traced by
+/// `torch.onnx.export` with pooling inside may return the input ids first and the hidden
+/// states under a generated name). By name first; else the first FP32 output of rank 3
+/// (`[batch, sequence, hidden]`, pooled here as the settings say); else the first FP32 output
+/// of rank 2 (`[batch, hidden]`, already pooled).
+fn embedding_output(outputs: &[TensorSpec]) -> Result<usize> {
+    const POOLED: [&str; 2] = ["sentence_embedding", "sentence_embeddings"];
+    const TOKENS: [&str; 2] = ["last_hidden_state", "token_embeddings"];
+    let named = |names: &[&str]| {
+        outputs
+            .iter()
+            .position(|o| names.contains(&o.name.as_str()) && o.dtype == DType::F32)
+    };
+    let ranked = |rank: usize| {
+        outputs
+            .iter()
+            .position(|o| o.dtype == DType::F32 && o.shape.len() == rank)
+    };
+    named(&POOLED)
+        .or_else(|| named(&TOKENS))
+        .or_else(|| ranked(3))
+        .or_else(|| ranked(2))
+        .ok_or_else(|| {
+            let list = outputs
+                .iter()
+                .map(|o| format!("{} {} {:?}", o.name, o.dtype, o.shape))
+                .collect::<Vec<_>>()
+                .join(", ");
+            EngineError::Model(format!(
+                "none of the encoder's outputs ({list}) is an FP32 [batch, sequence, hidden] \
+                 or [batch, hidden] tensor; a text-embedding model returns its hidden states \
+                 or its sentence embeddings"
+            ))
+        })
+}
+
 impl TextEmbedding {
     pub(crate) fn new(
         backend: Arc<dyn Backend>,
@@ -136,11 +174,7 @@ impl TextEmbedding {
                 "the encoder has no input_ids input".into(),
             ));
         }
-        let output = backend
-            .outputs()
-            .iter()
-            .position(|o| o.name == "sentence_embedding")
-            .unwrap_or(0);
+        let output = embedding_output(backend.outputs())?;
         Ok(TextEmbedding {
             backend,
             tokenizer,
@@ -324,6 +358,47 @@ impl TextEmbedding {
             }
         }
         Ok(vectors)
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    fn spec(name: &str, dtype: DType, rank: usize) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: vec![None; rank],
+        }
+    }
+
+    #[test]
+    fn the_embedding_output_is_chosen_by_name_then_type_and_rank() {
+        use DType::{F32, I64};
+        // A traced export: ids and mask echoed, hidden states and pooled vector unnamed.
+        let traced = [
+            spec("output", I64, 2),
+            spec("463", I64, 2),
+            spec("onnx::Shape_422", F32, 3),
+            spec("461", F32, 2),
+        ];
+        assert_eq!(embedding_output(&traced).unwrap(), 2);
+        let st = [
+            spec("token_embeddings", F32, 3),
+            spec("sentence_embedding", F32, 2),
+        ];
+        assert_eq!(embedding_output(&st).unwrap(), 1);
+        let hf = [
+            spec("pooler_output", F32, 2),
+            spec("last_hidden_state", F32, 3),
+        ];
+        assert_eq!(embedding_output(&hf).unwrap(), 1);
+        assert_eq!(embedding_output(&[spec("y", F32, 2)]).unwrap(), 0);
+        let err = embedding_output(&[spec("ids", I64, 2)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ids INT64"), "{err}");
     }
 }
 
