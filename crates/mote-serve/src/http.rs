@@ -224,18 +224,14 @@ impl FromRequest<Shared> for Body {
             }
         };
         let limits = &st.options.requests;
+        let (max_body, flag) = limits.body_limit(req.uri().path());
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if let Some(n) = declared.filter(|&n| n > limits.max_body as u64) {
-            let o = OverLimit::size(
-                "the request body's bytes",
-                n as usize,
-                limits.max_body,
-                "--max-body-mib",
-            );
+        if let Some(n) = declared.filter(|&n| n > max_body as u64) {
+            let o = OverLimit::size("the request body's bytes", n, max_body, flag);
             return Err(fail(o.status, o.message, "request_too_large"));
         }
         let mut body = req.into_body();
@@ -267,12 +263,12 @@ impl FromRequest<Shared> for Body {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            if buf.len() + data.len() > limits.max_body {
+            if buf.len() + data.len() > max_body {
                 let o = OverLimit::size(
                     "the request body's bytes",
                     buf.len() + data.len(),
-                    limits.max_body,
-                    "--max-body-mib",
+                    max_body,
+                    flag,
                 );
                 return Err(fail(o.status, o.message, "request_too_large"));
             }

@@ -55,6 +55,30 @@ impl Default for RequestLimits {
     }
 }
 
+/// How many body bytes one byte of prompt text can take in a generation request: JSON
+/// escapes a byte as at most six (`\u0000`), and the rest of the request (roles, options,
+/// a response schema) is small next to it.
+pub const BODY_BYTES_PER_PROMPT_BYTE: usize = 8;
+
+impl RequestLimits {
+    /// The largest body a request to `path` may send, and the flag that raises it. The
+    /// generation routes carry one prompt, so their bodies are bounded by
+    /// `--max-prompt-bytes` too: a larger one is refused from its `Content-Length`, before
+    /// any of it is read or parsed.
+    pub fn body_limit(&self, path: &str) -> (usize, &'static str) {
+        let generation = matches!(path, "/v1/completions" | "/v1/chat/completions");
+        let by_prompt = self
+            .max_prompt_bytes
+            .saturating_mul(BODY_BYTES_PER_PROMPT_BYTE)
+            .max(64 << 10);
+        if generation && by_prompt < self.max_body {
+            (by_prompt, "--max-prompt-bytes")
+        } else {
+            (self.max_body, "--max-body-mib")
+        }
+    }
+}
+
 /// Connection limits.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimits {
@@ -104,5 +128,33 @@ impl OverLimit {
                  start the server with a larger {flag} to allow more"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_bodies_are_bounded_by_the_prompt_limit() {
+        let l = RequestLimits::default();
+        assert_eq!(l.body_limit("/v1/embeddings"), (16 << 20, "--max-body-mib"));
+        assert_eq!(
+            l.body_limit("/v2/models/m/infer"),
+            (16 << 20, "--max-body-mib")
+        );
+        assert_eq!(
+            l.body_limit("/v1/chat/completions"),
+            (8 << 20, "--max-prompt-bytes")
+        );
+        // A prompt limit that allows more than the body limit leaves the body limit.
+        let big = RequestLimits {
+            max_prompt_bytes: 4 << 20,
+            ..RequestLimits::default()
+        };
+        assert_eq!(
+            big.body_limit("/v1/completions"),
+            (16 << 20, "--max-body-mib")
+        );
     }
 }

@@ -384,6 +384,16 @@ fn hostile_c_two_concurrent_60_mb_chat_prompts_are_refused_before_tokenising() {
             }
         });
     });
+    // A body small enough to be read is parsed off the async threads, and its prompt is
+    // measured before templating.
+    let small = serde_json::to_vec(&serde_json::json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "lorem ipsum ".repeat(200_000)}],
+    }))
+    .unwrap();
+    let (status, resp) = once(&h.server.addr, "/v1/chat/completions", &[], small);
+    assert_eq!(status, 413, "{resp}");
+    assert!(resp.contains("bytes of prompt text"), "{resp}");
 }
 
 #[test]
