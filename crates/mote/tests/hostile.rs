@@ -153,12 +153,9 @@ fn latencies(conn: &mut Conn, n: usize, stop: Option<&AtomicBool>) -> Vec<f64> {
     out
 }
 
-/// The 99th percentile (nearest rank).
+/// The 99th percentile (the one definition: nearest rank).
 fn p99(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((0.99 * v.len() as f64).ceil() as usize).clamp(1, v.len());
-    v[rank - 1]
+    mote_base::stats::percentile(v, 99.0)
 }
 
 /// Watches the server's resident memory while a scenario runs: the kernel's peak (VmHWM,

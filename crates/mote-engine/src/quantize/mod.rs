@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use mote_base::stats::median;
 use mote_store::formats::safetensors::Header;
 use mote_store::{Digest, Reference, Store, Task};
 use serde::Serialize;
@@ -221,7 +222,7 @@ pub fn quantize_int8(
         (0, f64::INFINITY),
         |m, (i, c)| if c < m.1 { (i, c) } else { m },
     );
-    let (fp32_ms, int8_ms) = (median(&mut t32), median(&mut t8));
+    let (fp32_ms, int8_ms) = (median(&t32), median(&t8));
     let report = FidelityReport {
         sentences: cos.len(),
         cosine_min,
@@ -257,16 +258,6 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
         return 0.0;
     }
     dot / (na * nb)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// One tensor of the output file.
