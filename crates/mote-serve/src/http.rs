@@ -38,6 +38,7 @@ pub fn router(state: Shared) -> Router {
     let router = Router::new()
         .route("/v1/models", get(openai_models))
         .route("/v1/embeddings", post(openai_embeddings))
+        .route("/predict", post(tei_predict))
         .route("/v1/completions", post(openai_completions))
         .route("/v1/chat/completions", post(openai_chat))
         .route("/v2", get(v2_server))
@@ -650,6 +651,126 @@ async fn openai_embeddings(AxState(st): AxState<Shared>, body: Body) -> Response
     }
     .await;
     finish(&st, served.as_deref(), "embeddings", started, result, true)
+}
+
+#[derive(Deserialize)]
+struct PredictRequest {
+    /// A text, a list of texts, or (TEI's pair form) a list of one-text lists; read by
+    /// [`predict_texts`] within `--max-inputs`.
+    inputs: Box<RawValue>,
+    /// The served model (optional when one text-classification model is served).
+    #[serde(default)]
+    model: Option<String>,
+    /// Scores as the model computes them (fastText: log-probabilities) instead of
+    /// probabilities.
+    #[serde(default)]
+    raw_scores: bool,
+}
+
+/// TEI's `inputs`: a string (one answer), or a list of strings or of one-string lists (a
+/// list of answers).
+fn predict_texts(raw: &RawValue, max: usize) -> Result<(Vec<String>, bool), Failure> {
+    let text = raw.get().trim_start();
+    let single = text.starts_with('"');
+    let nested = text
+        .strip_prefix('[')
+        .is_some_and(|r| r.trim_start().starts_with('['));
+    if !nested {
+        return limited_texts(raw, max, "inputs").map(|t| (t, single));
+    }
+    let nested: Vec<Box<RawValue>> = serde_json::from_str(raw.get())
+        .map_err(|e| Failure::bad(format!("inputs must be a string or a list of strings: {e}")))?;
+    if nested.len() > max {
+        return Err(Failure::limit(OverLimit::size(
+            "texts in inputs",
+            nested.len(),
+            max,
+            "--max-inputs",
+        )));
+    }
+    let texts = nested
+        .iter()
+        .map(
+            |n| match crate::json::texts(n, 1).map(<[String; 1]>::try_from) {
+                Ok(Ok([t])) => Ok(t),
+                _ => Err(Failure::bad(
+                    "each inputs entry must be one text (text pairs need a cross-encoder)",
+                )),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((texts, false))
+}
+
+/// TEI's `POST /predict`: each text's labels with scores, best first.
+async fn tei_predict(AxState(st): AxState<Shared>, body: Body) -> Response {
+    let started = Instant::now();
+    let mut served = None;
+    let result = async {
+        let bytes = body.bytes.clone();
+        let max = st.options.requests.max_inputs;
+        let (req, (texts, single)) = prepare(&st, bytes.len() > INLINE_PARSE_BYTES, move || {
+            let req: PredictRequest = parse(&bytes)?;
+            let texts = predict_texts(&req.inputs, max)?;
+            Ok((req, texts))
+        })
+        .await?;
+        let m = match &req.model {
+            Some(name) => model(&st, name)?,
+            None => {
+                let mut classifiers = st
+                    .models()
+                    .into_iter()
+                    .filter(|m| m.task == Task::TextClassification);
+                match (classifiers.next(), classifiers.next()) {
+                    (Some(m), None) => m,
+                    (None, _) => {
+                        return Err(Failure::bad("no text-classification model is served here"));
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(Failure::bad(
+                            "several text-classification models are served: name one with \"model\"",
+                        ));
+                    }
+                }
+            }
+        };
+        served = Some(m.clone());
+        if m.task != Task::TextClassification {
+            return Err(Failure::bad(format!(
+                "{} is a {} model, not a text-classification model",
+                m.name, m.task
+            )));
+        }
+        if texts.is_empty() {
+            return Err(Failure::bad("inputs is empty: give a string or a list of strings"));
+        }
+        drop(body);
+        let Output::Classes(cs) = run_pipeline(&m, Input::Texts(texts)).await? else {
+            return Err(Failure::bad("the model did not return labels"));
+        };
+        let answers: Vec<Value> = cs
+            .iter()
+            .map(|c| {
+                Value::Array(
+                    c.iter()
+                        .map(|x| {
+                            let score = if req.raw_scores { x.logit } else { x.score };
+                            json!({"label": x.label, "score": score})
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let body = if single {
+            answers.into_iter().next().unwrap_or(Value::Array(Vec::new()))
+        } else {
+            Value::Array(answers)
+        };
+        Ok(axum::Json(body).into_response())
+    }
+    .await;
+    finish(&st, served.as_deref(), "predict", started, result, true)
 }
 
 #[derive(Deserialize)]
@@ -1387,7 +1508,7 @@ async fn v2_infer(
                 return Err(Failure::bad("inputs is empty"));
             }
             let input = match task {
-                Task::TextEmbedding | Task::TextGeneration => {
+                Task::TextEmbedding | Task::TextClassification | Task::TextGeneration => {
                     let items = v2_bytes(&req.inputs[0], &mut binary, limits.max_inputs)?;
                     Input::Texts(
                         items
@@ -1419,13 +1540,22 @@ async fn v2_infer(
                 let data: Vec<f32> = es.iter().flat_map(|e| e.vector.iter().copied()).collect();
                 vec![json!({"name": "embedding", "datatype": "FP32", "shape": [es.len(), dim], "data": data})]
             }
-            (Task::ImageClassification, input) => {
+            (Task::ImageClassification | Task::TextClassification, input) => {
                 let Output::Classes(cs) = run_pipeline(&m, input).await? else {
                     return Err(Failure::bad("no classes"));
                 };
-                let k = cs.first().map_or(0, Vec::len);
-                let probs: Vec<f32> = cs.iter().flat_map(|c| c.iter().map(|x| x.score)).collect();
-                let labels: Vec<String> = cs.iter().flat_map(|c| c.iter().map(|x| x.label.clone())).collect();
+                // A tensor is rectangular: rows with fewer labels (fastText leaves out those
+                // under its threshold) are padded with "" and probability 0.
+                let k = cs.iter().map(Vec::len).max().unwrap_or(0);
+                let pad = |c: &Vec<mote_engine::Class>| (c.len()..k).map(|_| (String::new(), 0.0f32));
+                let probs: Vec<f32> = cs
+                    .iter()
+                    .flat_map(|c| c.iter().map(|x| x.score).chain(pad(c).map(|p| p.1)))
+                    .collect();
+                let labels: Vec<String> = cs
+                    .iter()
+                    .flat_map(|c| c.iter().map(|x| x.label.clone()).chain(pad(c).map(|p| p.0)))
+                    .collect();
                 vec![
                     json!({"name": "probabilities", "datatype": "FP32", "shape": [cs.len(), k], "data": probs}),
                     json!({"name": "labels", "datatype": "BYTES", "shape": [cs.len(), k], "data": labels}),

@@ -10,7 +10,7 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result, StoreError};
-use crate::formats::{gguf::Gguf, safetensors};
+use crate::formats::{fasttext, gguf::Gguf, safetensors};
 use crate::oci::{
     MEDIA_TYPE_DOC_RAW, MEDIA_TYPE_WEIGHT_CONFIG_RAW, MEDIA_TYPE_WEIGHT_RAW, ModelConfig,
     ModelDescriptor, ModelTechConfig, param_size,
@@ -81,16 +81,17 @@ pub(crate) fn plan(source: &Path, opts: &ImportOptions) -> Result<Plan> {
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     let mut magic = [0u8; 4];
-    let has_gguf_magic = {
+    let has_magic = {
         use std::io::Read;
         File::open(source)
             .and_then(|mut f| f.read_exact(&mut magic))
             .is_ok()
-            && magic == *b"GGUF"
     };
     match ext.as_deref() {
         Some("gguf") => plan_gguf(source, meta.len(), opts),
-        _ if has_gguf_magic => plan_gguf(source, meta.len(), opts),
+        _ if has_magic && magic == *b"GGUF" => plan_gguf(source, meta.len(), opts),
+        _ if has_magic && fasttext::has_magic(&magic) => plan_fasttext(source, meta.len(), opts),
+        Some("ftz") => plan_fasttext(source, meta.len(), opts),
         Some("onnx") => plan_onnx(source, meta.len(), opts),
         Some("safetensors") => Err(import_err(
             source,
@@ -98,7 +99,7 @@ pub(crate) fn plan(source: &Path, opts: &ImportOptions) -> Result<Plan> {
         )),
         _ => Err(import_err(
             source,
-            "unrecognised model source; mote imports a .onnx file, a .gguf file, or a Hugging Face style directory (config.json + model.safetensors)",
+            "unrecognised model source; mote imports a .onnx file, a .gguf file, a fastText .bin or .ftz file, or a Hugging Face style directory (config.json + model.safetensors)",
         )),
     }
 }
@@ -603,6 +604,71 @@ fn plan_onnx(source: &Path, len: u64, opts: &ImportOptions) -> Result<Plan> {
             ..Default::default()
         },
         files,
+    })
+}
+
+/// A fastText supervised model (`.bin`, or `.ftz` with quantised matrices): one file, read
+/// whole and validated here; its dictionary is its tokenizer and its labels are inside.
+fn plan_fasttext(source: &Path, len: u64, opts: &ImportOptions) -> Result<Plan> {
+    if len > fasttext::MAX_FILE as u64 {
+        return Err(import_err(
+            source,
+            format!(
+                "the file has {len} bytes, more than the {} a fastText model may have",
+                fasttext::MAX_FILE
+            ),
+        ));
+    }
+    let bytes = fs::read(source).at("cannot read", source)?;
+    let model =
+        fasttext::FastTextModel::read(&bytes).map_err(|e| import_err(source, e.to_string()))?;
+    let task = opts.task.unwrap_or(Task::TextClassification);
+    if task != Task::TextClassification {
+        return Err(import_err(
+            source,
+            format!("a fastText supervised model classifies text; it cannot serve the {task} task"),
+        ));
+    }
+    let name = file_name(source)?;
+    let quantized = model.input.is_quantized();
+    let args = &model.args;
+    Ok(Plan {
+        files: vec![PlannedFile {
+            source: source.to_path_buf(),
+            path: name.clone(),
+            media_type: MEDIA_TYPE_WEIGHT_RAW,
+        }],
+        settings: Settings {
+            schema_version: Settings::SCHEMA_VERSION,
+            task,
+            format: "fasttext".into(),
+            weights: name,
+            text: None,
+            image: None,
+            labels: None,
+            provenance: None,
+        },
+        config: ModelConfig {
+            descriptor: ModelDescriptor {
+                family: Some("fasttext".into()),
+                ..Default::default()
+            },
+            config: ModelTechConfig {
+                architecture: Some(format!(
+                    "fasttext-supervised-{}-dim{}-ngrams{}-char{}-{}",
+                    args.loss.name(),
+                    args.dim,
+                    args.word_ngrams,
+                    args.minn,
+                    args.maxn
+                )),
+                format: Some("fasttext".into()),
+                param_size: Some(param_size(model.parameter_count())),
+                precision: Some(if quantized { "pq8" } else { "fp32" }.into()),
+                quantization: quantized.then(|| "product-quantization".into()),
+            },
+            ..Default::default()
+        },
     })
 }
 

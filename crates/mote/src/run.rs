@@ -150,6 +150,9 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
         Pipeline::ImageClassification(p) => {
             Pipeline::ImageClassification(p.with_top_k(a.top_k.unwrap_or(5)))
         }
+        Pipeline::TextClassification(p) => {
+            Pipeline::TextClassification(p.with_top_k(a.top_k.unwrap_or(5)))
+        }
         p => p,
     };
     let mut texts = a.texts.clone();
@@ -167,7 +170,13 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
             if texts.is_empty() {
                 bail!("give texts to embed with --text or --input FILE.jsonl");
             }
-            Input::Texts(texts)
+            Input::Texts(texts.clone())
+        }
+        Pipeline::TextClassification(_) => {
+            if texts.is_empty() {
+                bail!("give texts to classify with --text or --input FILE.jsonl");
+            }
+            Input::Texts(texts.clone())
         }
         Pipeline::ImageClassification(_) => {
             if images.is_empty() {
@@ -276,7 +285,9 @@ pub fn run(store: &Store, a: RunArgs) -> Result<ExitCode> {
                     "[{i}] {}",
                     images
                         .get(i)
-                        .map_or(String::new(), |p| p.display().to_string())
+                        .map(|p| p.display().to_string())
+                        .or_else(|| texts.get(i).cloned())
+                        .unwrap_or_default()
                 );
                 for c in classes {
                     println!(

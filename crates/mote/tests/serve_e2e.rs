@@ -352,3 +352,136 @@ fn moving_the_tag_and_reloading_swaps_the_model_under_load_without_failures() {
     assert_eq!(log.matches("serve-reload").count(), 2, "{log}");
     assert!(server.stop().success());
 }
+
+#[test]
+fn a_fasttext_classifier_answers_tei_predict_and_kserve_as_mote_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let lid = import(&store, &lid176_ftz(), "lid", &[]);
+    let server = Server::start(&store, &["lid", "--threads", "2"]);
+    let texts = [
+        "Bonjour, comment allez-vous ?",
+        "Das ist ein kleiner Test.",
+        "こんにちは",
+    ];
+    let mut cmd = mote(&store);
+    cmd.args(["run", "lid", "--json"]);
+    for t in texts {
+        cmd.args(["--text", t]);
+    }
+    let run: serde_json::Value = serde_json::from_str(&ok(&mut cmd)).unwrap();
+    assert_eq!(run["task"], "text-classification");
+    assert_eq!(run["results"][0][0]["label"], "fr");
+    assert_eq!(run["results"][1][0]["label"], "de");
+    assert_eq!(run["results"][2][0]["label"], "ja");
+    let want = |i: usize| -> Vec<(String, u32)> {
+        run["results"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["label"].as_str().unwrap().to_string(),
+                    (c["score"].as_f64().unwrap() as f32).to_bits(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |v: &serde_json::Value| -> Vec<(String, u32)> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|c| {
+                (
+                    c["label"].as_str().unwrap().to_string(),
+                    (c["score"].as_f64().unwrap() as f32).to_bits(),
+                )
+            })
+            .collect()
+    };
+    // TEI's /predict: one text gives one list, a list (or TEI's list of one-text lists)
+    // gives a list of lists; the model may be left out when one classifier is served.
+    let (status, head, body) = http(
+        &server.addr,
+        "POST",
+        "/predict",
+        &serde_json::json!({"inputs": texts[0]}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains(&lid), "{head}");
+    assert_eq!(pairs(&serde_json::from_str(&body).unwrap()), want(0));
+    for inputs in [
+        serde_json::json!(texts),
+        serde_json::json!(texts.map(|t| [t])),
+    ] {
+        let (status, _, body) = http(
+            &server.addr,
+            "POST",
+            "/predict",
+            &serde_json::json!({"inputs": inputs, "model": "lid"}).to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for i in 0..texts.len() {
+            assert_eq!(pairs(&v[i]), want(i), "text {i}");
+        }
+    }
+    // KServe v2: BYTES in, probabilities and labels out.
+    let (status, _, body) = http(
+        &server.addr,
+        "POST",
+        "/v2/models/lid/infer",
+        &serde_json::json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": texts}]})
+            .to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let probs = &v["outputs"][0];
+    let labels = &v["outputs"][1];
+    assert_eq!(probs["shape"], serde_json::json!([3, 5]));
+    // Rows with fewer labels (fastText drops those under exp(-11.5)) are padded.
+    for i in 0..texts.len() {
+        let got: Vec<(String, u32)> = (0..5)
+            .map(|k| {
+                (
+                    labels["data"][i * 5 + k].as_str().unwrap().to_string(),
+                    (probs["data"][i * 5 + k].as_f64().unwrap() as f32).to_bits(),
+                )
+            })
+            .collect();
+        let mut padded = want(i);
+        padded.resize(5, (String::new(), 0));
+        assert_eq!(got, padded, "text {i}");
+    }
+    assert!(
+        want(1).len() < 5,
+        "a row with fewer than five labels is checked"
+    );
+    // Refusals name the problem.
+    let (status, _, body) = http(
+        &server.addr,
+        "POST",
+        "/predict",
+        &serde_json::json!({"inputs": [["a", "b"]]}).to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("one text"), "{body}");
+    let many: Vec<&str> = vec!["x"; 300];
+    let (status, _, body) = http(
+        &server.addr,
+        "POST",
+        "/predict",
+        &serde_json::json!({ "inputs": many }).to_string(),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("--max-inputs"), "{body}");
+    let (status, _, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/embeddings",
+        &serde_json::json!({"model": "lid", "input": "hi"}).to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("text-classification"), "{body}");
+    assert!(server.stop().success());
+}

@@ -2,6 +2,7 @@
 //! configured from the artifact's settings. Every consumer (run, serve, audit, batch) uses
 //! these; none of them sees a backend.
 
+pub mod classify;
 pub mod image;
 pub mod tensor;
 pub mod text;
@@ -13,6 +14,7 @@ use serde::Serialize;
 use crate::error::{EngineError, Result};
 use crate::tensor::Tensor;
 
+pub use self::classify::TextClassification;
 pub use self::image::{Class, ImageClassification};
 pub use self::tensor::TensorPipeline;
 pub use self::text::{Embedding, TextEmbedding};
@@ -51,7 +53,7 @@ pub enum Input {
 pub enum Output {
     /// One embedding per text.
     Embeddings(Vec<Embedding>),
-    /// Top classes per image.
+    /// Top classes per image or text.
     Classes(Vec<Vec<Class>>),
     /// Named output tensors.
     Tensors(Vec<(String, Tensor)>),
@@ -61,6 +63,8 @@ pub enum Output {
 pub enum Pipeline {
     /// Text → embedding vectors.
     TextEmbedding(Box<TextEmbedding>),
+    /// Text → labels with scores.
+    TextClassification(TextClassification),
     /// Image → labels with scores.
     ImageClassification(ImageClassification),
     /// Tensors → tensors.
@@ -82,6 +86,11 @@ impl Pipeline {
                 p.embed_from(&texts, first)
                     .map(|(e, t)| (Output::Embeddings(e), t))
             }
+            (Pipeline::TextClassification(p), Input::Texts(t)) => {
+                let texts: Vec<&str> = t.iter().map(String::as_str).collect();
+                p.classify_from(&texts, first)
+                    .map(|(c, t)| (Output::Classes(c), t))
+            }
             (Pipeline::ImageClassification(p), Input::Images(i)) => p
                 .classify_from(&i, first)
                 .map(|(c, t)| (Output::Classes(c), t)),
@@ -99,6 +108,7 @@ impl Pipeline {
     pub fn task(&self) -> &'static str {
         match self {
             Pipeline::TextEmbedding(_) => "text-embedding",
+            Pipeline::TextClassification(_) => "text-classification",
             Pipeline::ImageClassification(_) => "image-classification",
             Pipeline::Tensor(_) => "tensor",
         }

@@ -3,5 +3,6 @@
 //! They live in the store because import needs them to describe a model (format, parameter
 //! count, precision, task); the engine reuses them when it loads the same files.
 
+pub mod fasttext;
 pub mod gguf;
 pub mod safetensors;

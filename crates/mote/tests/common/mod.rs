@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 #[allow(unused_imports)]
-pub use mote_testkit::{minilm_dir, shared_models, smollm2_gguf};
+pub use mote_testkit::{lid176_ftz, minilm_dir, shared_models, smollm2_gguf};
 
 /// A `mote` command bound to a store directory, with no inherited MOTE_HOME.
 pub fn mote(store: &Path) -> Command {
