@@ -52,8 +52,6 @@ struct Node {
 pub struct FastText {
     model: FastTextModel,
     words: HashMap<Vec<u8>, usize>,
-    /// Per word: its input rows (itself, then its character n-grams' buckets).
-    subwords: Vec<Vec<usize>>,
     labels: Vec<String>,
     tree: Vec<Node>,
 }
@@ -97,21 +95,10 @@ impl FastText {
             .collect();
         let mut ft = FastText {
             words,
-            subwords: Vec::new(),
             labels,
             tree: Vec::new(),
             model,
         };
-        ft.subwords = (0..ft.model.nwords)
-            .map(|i| {
-                let mut rows = vec![i];
-                let word = &ft.model.entries[i].word;
-                if word != EOS.as_bytes() {
-                    ft.char_ngrams(word, &mut rows);
-                }
-                rows
-            })
-            .collect();
         if ft.model.args.loss == Loss::HierarchicalSoftmax {
             ft.tree = huffman(
                 &ft.model.entries[ft.model.nwords..]
@@ -134,7 +121,7 @@ impl FastText {
     }
 
     /// fastText's `pushHash`: a bucket's input row, if the (possibly pruned) model kept it.
-    fn push_bucket(&self, bucket: i64, rows: &mut Vec<usize>) {
+    fn push_bucket(&self, bucket: i64, row: &mut impl FnMut(usize)) {
         let id = match &self.model.pruned {
             None => bucket,
             Some(map) => match i32::try_from(bucket).ok().and_then(|b| map.get(&b)) {
@@ -142,12 +129,12 @@ impl FastText {
                 None => return,
             },
         };
-        rows.push(self.model.nwords + id as usize);
+        row(self.model.nwords + id as usize);
     }
 
     /// The character n-grams of `<word>` (minn..=maxn UTF-8 characters; single characters at
     /// the word's edges skipped), as input rows.
-    fn char_ngrams(&self, word: &[u8], rows: &mut Vec<usize>) {
+    fn char_ngrams(&self, word: &[u8], row: &mut impl FnMut(usize)) {
         let args = &self.model.args;
         if args.maxn == 0 {
             return;
@@ -169,23 +156,24 @@ impl FastText {
                 }
                 if n >= args.minn && !(n == 1 && (i == 0 || j == w.len())) {
                     let h = hash(&w[i..j]) as u64 % args.bucket as u64;
-                    self.push_bucket(h as i64, rows);
+                    self.push_bucket(h as i64, row);
                 }
                 n += 1;
             }
         }
     }
 
-    /// The input rows of one line of text (fastText's `getLine` for supervised models,
-    /// with the end-of-line token appended as its `predict` does).
-    pub fn input_rows(&self, text: &str) -> Result<Vec<usize>> {
+    /// Visit the input rows of one line of text in fastText's order (its `getLine` for
+    /// supervised models, with the end-of-line token appended as its `predict` does): each
+    /// word's own row and its character n-grams, then the word n-grams. Rows are visited,
+    /// not collected, so memory stays one hash per word whatever the n-gram settings.
+    pub fn for_each_row(&self, text: &str, mut row: impl FnMut(usize)) -> Result<()> {
         if text.len() > MAX_TEXT_BYTES {
             return Err(EngineError::input(format!(
                 "a text of {} bytes is longer than the {MAX_TEXT_BYTES} a fastText model takes",
                 text.len()
             )));
         }
-        let mut rows = Vec::new();
         let mut hashes: Vec<i32> = Vec::new();
         let is_space = |b: &u8| matches!(b, b' ' | b'\n' | b'\r' | b'\t' | 0x0b | 0x0c | 0);
         let tokens = text
@@ -195,16 +183,20 @@ impl FastText {
             .chain(std::iter::once(EOS.as_bytes()));
         for token in tokens {
             let h = hash(token);
+            let eos = token == EOS.as_bytes();
             match self.words.get(token) {
                 Some(&id) if id < self.model.nwords => {
-                    rows.extend_from_slice(&self.subwords[id]);
+                    row(id);
+                    if !eos {
+                        self.char_ngrams(token, &mut row);
+                    }
                     hashes.push(h as i32);
                 }
                 Some(_) => {} // a known label in the text: not an input
                 None if token.starts_with(LABEL_PREFIX.as_bytes()) => {}
                 None => {
-                    if token != EOS.as_bytes() {
-                        self.char_ngrams(token, &mut rows);
+                    if !eos {
+                        self.char_ngrams(token, &mut row);
                     }
                     hashes.push(h as i32);
                 }
@@ -220,38 +212,42 @@ impl FastText {
                 .take(args.word_ngrams.saturating_sub(1))
             {
                 h = h.wrapping_mul(116_049_371).wrapping_add(next as i64 as u64);
-                self.push_bucket((h % args.bucket as u64) as i64, &mut rows);
+                self.push_bucket((h % args.bucket as u64) as i64, &mut row);
             }
         }
-        Ok(rows)
+        Ok(())
     }
 
-    /// The hidden vector: the mean of the input rows.
-    fn hidden(&self, rows: &[usize]) -> Vec<f32> {
-        let dim = self.model.args.dim;
-        let mut x = vec![0f32; dim];
-        for &r in rows {
+    /// The hidden vector: the mean of the input rows (none for a text without any).
+    fn hidden(&self, text: &str) -> Result<Option<Vec<f32>>> {
+        let mut x = vec![0f32; self.model.args.dim];
+        let mut n = 0usize;
+        self.for_each_row(text, |r| {
             add_row(&self.model.input, r, &mut x);
+            n += 1;
+        })?;
+        if n == 0 {
+            return Ok(None);
         }
-        let a = (1.0f64 / rows.len() as f64) as f32;
+        let a = (1.0f64 / n as f64) as f32;
         x.iter_mut().for_each(|v| *v *= a);
-        x
+        Ok(Some(x))
     }
 
     /// The `k` best labels of `text` with a probability of at least `threshold`, best first
     /// (fastText's `predict`); none when the text has no input rows.
     pub fn predict(&self, text: &str, k: usize, threshold: f32) -> Result<Vec<Prediction>> {
-        let rows = self.input_rows(text)?;
-        if rows.is_empty() || k == 0 {
+        let Some(hidden) = self.hidden(text)? else {
+            return Ok(Vec::new());
+        };
+        if k == 0 {
             return Ok(Vec::new());
         }
-        let hidden = self.hidden(&rows);
         let k = k.min(self.model.nlabels);
         let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
         match self.model.args.loss {
             Loss::HierarchicalSoftmax => {
-                let root = 2 * self.model.nlabels - 2;
-                self.dfs(k, threshold, root, 0.0, &mut best, &hidden);
+                self.dfs(k, threshold, &mut best, &hidden);
             }
             Loss::Softmax => {
                 let out = &self.model.output;
@@ -285,44 +281,26 @@ impl FastText {
             .collect())
     }
 
-    fn dfs(
-        &self,
-        k: usize,
-        threshold: f32,
-        node: usize,
-        score: f32,
-        best: &mut Vec<(f32, usize)>,
-        hidden: &[f32],
-    ) {
-        if score < std_log(threshold) {
-            return;
-        }
-        if best.len() == k && score < worst(best) {
-            return;
-        }
-        let n = self.tree[node];
-        if n.left < 0 && n.right < 0 {
-            keep(k, (score, node), best);
-            return;
-        }
+    /// fastText's depth-first walk of the tree (left child first), with an explicit stack:
+    /// a hostile file's tree may be as deep as it has labels.
+    fn dfs(&self, k: usize, threshold: f32, best: &mut Vec<(f32, usize)>, hidden: &[f32]) {
         let osz = self.model.nlabels;
-        let f = sigmoid(dot_row(&self.model.output, node - osz, hidden));
-        self.dfs(
-            k,
-            threshold,
-            n.left as usize,
-            score + std_log(1.0 - f),
-            best,
-            hidden,
-        );
-        self.dfs(
-            k,
-            threshold,
-            n.right as usize,
-            score + std_log(f),
-            best,
-            hidden,
-        );
+        let floor = std_log(threshold);
+        let mut stack = vec![(2 * osz - 2, 0f32)];
+        while let Some((node, score)) = stack.pop() {
+            if score < floor || (best.len() == k && score < worst(best)) {
+                continue;
+            }
+            let n = self.tree[node];
+            if n.left < 0 && n.right < 0 {
+                keep(k, (score, node), best);
+                continue;
+            }
+            let f = sigmoid(dot_row(&self.model.output, node - osz, hidden));
+            // Pushed right first so the left subtree is walked first.
+            stack.push((n.right as usize, score + std_log(f)));
+            stack.push((n.left as usize, score + std_log(1.0 - f)));
+        }
     }
 }
 
@@ -447,7 +425,9 @@ fn huffman(counts: &[i64]) -> Vec<Node> {
     for i in n..2 * n - 1 {
         let mut mini = [0usize; 2];
         for m in mini.iter_mut() {
-            if leaf >= 0 && count[leaf as usize] < count[node] {
+            // An inner node is taken only once built (`node < i`): fastText relies on its
+            // 1e15 placeholder counting more than any label, which a file need not honour.
+            if leaf >= 0 && (node >= i || count[leaf as usize] < count[node]) {
                 *m = leaf as usize;
                 leaf -= 1;
             } else {
@@ -459,7 +439,7 @@ fn huffman(counts: &[i64]) -> Vec<Node> {
             left: mini[0] as i32,
             right: mini[1] as i32,
         };
-        count[i] = count[mini[0]] + count[mini[1]];
+        count[i] = count[mini[0]].saturating_add(count[mini[1]]);
     }
     tree
 }

@@ -146,3 +146,20 @@ fn damaged_fasttext_files_are_refused_at_import_with_the_reason() {
         .to_string();
     assert!(e.contains("classifies text"), "{e}");
 }
+
+/// Inputs the fuzzer (`model_files`, selector 2) found, each now a model or an error.
+#[test]
+fn fuzz_found_fasttext_files_load_or_fail_without_panicking() {
+    // Label counts above fastText's 1e15 placeholder walked the Huffman build past the
+    // end of its tree.
+    let bytes = fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/fasttext_huffman_overflow.bin"),
+    )
+    .unwrap();
+    let ft = mote_engine::fasttext::FastText::load(&bytes).unwrap();
+    for text in ["", "hello world", "a b c d e f g"] {
+        let p = ft.predict(text, 3, 0.0).unwrap();
+        assert!(p.len() <= 3);
+    }
+}

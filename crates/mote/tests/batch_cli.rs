@@ -328,13 +328,9 @@ fn a_job_killed_at_random_points_resumes_with_every_output_written_once() {
         "24",
         "--json",
     ];
-    // SplitMix-style seeded delays: the kills land before, during and after items.
-    let mut s: u64 = 0x5eed;
-    let mut next = || {
-        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let z = (s ^ (s >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z ^ (z >> 29)
-    };
+    // Seeded delays (the one seeded generator): the kills land before, during and after
+    // items.
+    let mut rng = mote_base::rng::SplitMix64::new(0x5eed);
     // Kill once while the model loads, then each time a few more items are journaled, after
     // a random extra delay (so kills land mid-generation, between the output's rename and
     // its journal line, or just after).
@@ -348,7 +344,7 @@ fn a_job_killed_at_random_points_resumes_with_every_output_written_once() {
         while journal(&out).len() < after_records && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let ms = 50 + next() % 400;
+        let ms = 50 + rng.next_u64() % 400;
         std::thread::sleep(Duration::from_millis(ms));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
