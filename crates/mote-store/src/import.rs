@@ -104,6 +104,15 @@ pub(crate) fn plan(source: &Path, opts: &ImportOptions) -> Result<Plan> {
     }
 }
 
+/// A model that is one weights file, stored under its own name.
+fn weights_file(source: &Path, name: &str) -> Vec<PlannedFile> {
+    vec![PlannedFile {
+        source: source.to_path_buf(),
+        path: name.to_string(),
+        media_type: MEDIA_TYPE_WEIGHT_RAW,
+    }]
+}
+
 fn file_name(path: &Path) -> Result<String> {
     path.file_name()
         .and_then(|n| n.to_str())
@@ -531,11 +540,7 @@ fn plan_onnx(source: &Path, len: u64, opts: &ImportOptions) -> Result<Plan> {
         ));
     }
     let name = file_name(source)?;
-    let mut files = vec![PlannedFile {
-        source: source.to_path_buf(),
-        path: name.clone(),
-        media_type: MEDIA_TYPE_WEIGHT_RAW,
-    }];
+    let mut files = weights_file(source, &name);
     let mut st = None;
     if let Some(tok) = &opts.tokenizer {
         let tok_file = if tok.is_dir() {
@@ -633,11 +638,7 @@ fn plan_fasttext(source: &Path, len: u64, opts: &ImportOptions) -> Result<Plan> 
     let quantized = model.input.is_quantized();
     let args = &model.args;
     Ok(Plan {
-        files: vec![PlannedFile {
-            source: source.to_path_buf(),
-            path: name.clone(),
-            media_type: MEDIA_TYPE_WEIGHT_RAW,
-        }],
+        files: weights_file(source, &name),
         settings: Settings {
             schema_version: Settings::SCHEMA_VERSION,
             task,
@@ -727,11 +728,7 @@ fn plan_gguf(source: &Path, len: u64, opts: &ImportOptions) -> Result<Plan> {
         .map(|l| vec![l.to_string()])
         .unwrap_or_default();
     Ok(Plan {
-        files: vec![PlannedFile {
-            source: source.to_path_buf(),
-            path: name.clone(),
-            media_type: MEDIA_TYPE_WEIGHT_RAW,
-        }],
+        files: weights_file(source, &name),
         settings: Settings {
             schema_version: Settings::SCHEMA_VERSION,
             task,

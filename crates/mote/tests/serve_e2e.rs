@@ -374,19 +374,6 @@ fn a_fasttext_classifier_answers_tei_predict_and_kserve_as_mote_run_does() {
     assert_eq!(run["results"][0][0]["label"], "fr");
     assert_eq!(run["results"][1][0]["label"], "de");
     assert_eq!(run["results"][2][0]["label"], "ja");
-    let want = |i: usize| -> Vec<(String, u32)> {
-        run["results"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| {
-                (
-                    c["label"].as_str().unwrap().to_string(),
-                    (c["score"].as_f64().unwrap() as f32).to_bits(),
-                )
-            })
-            .collect()
-    };
     let pairs = |v: &serde_json::Value| -> Vec<(String, u32)> {
         v.as_array()
             .unwrap_or_else(|| panic!("not a list: {v}"))
@@ -399,6 +386,7 @@ fn a_fasttext_classifier_answers_tei_predict_and_kserve_as_mote_run_does() {
             })
             .collect()
     };
+    let want = |i: usize| pairs(&run["results"][i]);
     // TEI's /predict: one text gives one list, a list (or TEI's list of one-text lists)
     // gives a list of lists; the model may be left out when one classifier is served.
     let (status, head, body) = http(
