@@ -460,8 +460,11 @@ struct Slice {
     items: Vec<Item>,
     /// How many items (`items` is emptied into the merged input).
     len: usize,
-    /// The request's last piece (its queue slot frees when this is answered).
+    /// The request's last piece (its queue slot frees before it is answered, so a caller
+    /// that has its answer never sees its own request still counted in `depth`).
     last: bool,
+    /// Whether this slice's request was already taken off `depth` (once, whatever path).
+    released: std::cell::Cell<bool>,
     deadline: Option<Instant>,
     /// The batch holds this slice only, because it is a suspect of an earlier panic.
     alone: bool,
@@ -567,6 +570,7 @@ fn next_batch(inner: &Inner) -> Option<Vec<Slice>> {
                 len: items.len(),
                 items,
                 last: emptied && job.ends_request,
+                released: std::cell::Cell::new(false),
                 deadline: job.deadline,
                 alone: job.alone,
             });
@@ -711,18 +715,19 @@ fn instance_loop(inner: &Inner, index: usize, mut pipeline: Pipeline) {
 
 /// Compute one batch and answer its slices; returns the panic message if it panicked.
 fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<String> {
+    // Called before the answer that completes a request is sent (idempotent).
     let finished = |s: &Slice| {
-        if s.last {
+        if s.last && !s.released.replace(true) {
             inner.depth.fetch_sub(1, Ordering::Relaxed);
         }
     };
     let culprit = |s: &Slice, msg: &str| {
+        finished(s);
         lock(&s.progress).fail(EngineError::Backend(format!(
             "model {}: the worker panicked while computing this request ({msg}); \
              it is being restarted from the verified model",
             inner.name
         )));
-        finished(s);
     };
     let counts: Vec<usize> = batch.iter().map(|s| s.items.len()).collect();
     let mut slices = Vec::with_capacity(batch.len());
@@ -756,8 +761,8 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
         }
         (Ok(Ok((out, timings))), _) => {
             for (s, part) in slices.iter().zip(split(out, &counts)) {
-                lock(&s.progress).deliver(s.start, s.len, part, timings);
                 finished(s);
+                lock(&s.progress).deliver(s.start, s.len, part, timings);
             }
             None
         }
@@ -766,6 +771,7 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
             let mut items = split_items(backup, &counts).into_iter();
             for (k, s) in slices.iter().enumerate() {
                 let own = items.next().unwrap_or_default();
+                let n = own.len();
                 for (j, one) in own.into_iter().enumerate() {
                     if lock(&s.progress).gone() {
                         break;
@@ -785,8 +791,16 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
                             requeue(inner, again.collect());
                             return Some(msg);
                         }
-                        Ok(Ok((out, t))) => lock(&s.progress).deliver(s.start + j, 1, out, t),
-                        Ok(Err(e)) => lock(&s.progress).fail(e),
+                        Ok(Ok((out, t))) => {
+                            if j + 1 == n {
+                                finished(s);
+                            }
+                            lock(&s.progress).deliver(s.start + j, 1, out, t)
+                        }
+                        Ok(Err(e)) => {
+                            finished(s);
+                            lock(&s.progress).fail(e)
+                        }
                     }
                 }
                 finished(s);
@@ -795,11 +809,11 @@ fn run_batch(inner: &Inner, pipeline: &Pipeline, batch: Vec<Slice>) -> Option<St
         }
         (Ok(Err(e)), _) => {
             for s in &slices[1..] {
-                lock(&s.progress).fail(e.duplicate());
                 finished(s);
+                lock(&s.progress).fail(e.duplicate());
             }
-            lock(&slices[0].progress).fail(e);
             finished(&slices[0]);
+            lock(&slices[0].progress).fail(e);
             None
         }
     }
